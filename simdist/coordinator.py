@@ -1,0 +1,193 @@
+"""Async orchestration of one simulation: resolve the plan, group ranks into exact classes, run
+one representative per class on Ray actors (every rank with `exhaustive`), stream progress, merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+import simdist
+from simdist.config import ConfigError, SimdistConfig
+from simdist.costmodel import UnknownGPU, gpu_spec
+from simdist.models import ModelError, ModelSpec, build_model, count_params, entrypoint_spec, resolve_model
+from simdist.mode.trace import RankTask, RankTrace
+from simdist.parallel.classes import rank_classes
+from simdist.parallel.mesh import MeshLayout
+from simdist.parallel.validate import check_plan
+from simdist.plan import ClusterPlan, merge
+
+# Reserved per GPU outside the PyTorch allocator: CUDA context, cuBLAS/NCCL workspaces.
+# (PyTorch's caching allocator and NCCL reserve ~1 GiB together on H100 in torchtitan runs.)
+RESERVED_BYTES = 1 << 30
+
+
+def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
+    m = cfg.model
+    try:
+        if m.entrypoint:
+            return entrypoint_spec(m.entrypoint, m.kwargs)
+        if m.hf:
+            raise ModelError("model.hf", "Hugging Face models need the `transformers` package, "
+                                         "which this installation lacks; allowed: preset, entrypoint")
+        return resolve_model(m.preset, m.overrides(), seq_len=cfg.training.seq_len,
+                             attention=cfg.training.attention)
+    except ModelError as e:
+        raise ConfigError(e.key, str(e)) from None
+
+
+def prepare(cfg: SimdistConfig) -> tuple[ModelSpec, MeshLayout, list[list[int]], Any]:
+    """Everything that can be decided without simulating; raises ConfigError on bad input."""
+    spec = resolve_spec(cfg)
+    check_plan(cfg, spec)
+    try:
+        gpu = gpu_spec(cfg.cluster.gpu if isinstance(cfg.cluster.gpu, str)
+                       else cfg.cluster.gpu.model_dump())
+    except UnknownGPU as e:
+        raise ConfigError("cluster.gpu", str(e)) from None
+    p = cfg.parallel
+    layout = MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
+    model = build_model(spec, "meta")
+    dim0 = [prm.shape[0] for prm in model.parameters() if prm.dim() > 0]
+    classes = list(rank_classes(layout, dim0).values())
+    return spec, layout, classes, gpu
+
+
+def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) -> RankTask:
+    t = cfg.training
+    return RankTask(rank=rank, layout=layout, model=spec, seq_len=t.seq_len,
+                    micro_batch=t.micro_batch, num_microbatches=cfg.num_microbatches,
+                    dtype=t.dtype, optimizer=t.optimizer,
+                    activation_checkpointing=t.activation_checkpointing)
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN201
+    """Join `address` (or RAY_ADDRESS), or start a local Ray; stop only what we started."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                  logging_level="ERROR", configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    try:
+        yield ray.get_runtime_context().gcs_address if address else None
+    finally:
+        ray.shutdown()
+
+
+class Progress:
+    """rich progress on a terminal, silent otherwise (batch jobs, CI)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(transient=True)
+            self._task = self._bar.add_task("simulating rank classes", total=total)
+            self._bar.start()
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
+                     progress: bool) -> tuple[list[RankTrace], set[str], int]:
+    from simdist.workers.pool import pool_size, start_workers
+
+    n = pool_size(n_workers, len(tasks))
+    actors = start_workers(n)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(tasks)):
+        queue.put_nowait(i)
+    results: list[RankTrace | None] = [None] * len(tasks)
+    nodes: set[str] = set()
+    bar = Progress(len(tasks), progress)
+
+    async def drive(actor: Any) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            trace, node = await asyncio.wait_for(actor.simulate.remote(tasks[i]), timeout_s)
+            results[i] = trace
+            nodes.add(node)
+            bar.advance()
+
+    try:
+        await asyncio.gather(*(drive(a) for a in actors))
+    finally:
+        bar.close()
+    return [r for r in results if r is not None], nodes, len(actors)
+
+
+async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
+                         workers: int | str | None = None, exhaustive: bool = False,
+                         progress: bool = False) -> ClusterPlan:
+    t0 = time.perf_counter()
+    spec, layout, classes, gpu = prepare(cfg)
+    reps = [ranks[0] for ranks in classes]
+    if exhaustive:
+        classes = [[r] for r in range(layout.world_size)]
+        reps = list(range(layout.world_size))
+    tasks = [_task(cfg, spec, layout, r) for r in reps]
+    with ray_session(address) as ray_address:
+        import ray
+
+        traces, nodes, n_actors = await _run_tasks(
+            tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s, progress)
+        cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    if exhaustive:
+        classes, traces = _regroup(traces)
+    t = cfg.training
+    cache = {"hits": 0, "misses": 0, "bypasses": 0, "size": 0}
+    for tr in traces:
+        for k in ("hits", "misses", "bypasses"):
+            cache[k] += tr.fake_cache.get(k, 0)
+        cache["size"] = max(cache["size"], tr.fake_cache.get("size", 0))
+    summary = dict(
+        num_params=count_params(build_model(spec, "meta")),
+        config=cfg.to_dict(),
+        simdist_version=simdist.__version__,
+        torch_version=torch.__version__,
+        gpu=gpu.name,
+        cache=cache,
+        execution=dict(ray_address=ray_address, nodes=len(nodes), cluster_nodes=cluster_nodes,
+                       actors=n_actors, exhaustive=exhaustive),
+    )
+    plan = merge(
+        layout=layout, classes=classes, traces=traces, gpu=gpu,
+        gpus_per_node=cfg.cluster.gpus_per_node, dtype=t.dtype, summary=summary,
+        tokens_per_step=t.global_batch * t.seq_len,
+        memory_limit_bytes=gpu.hbm_bytes - RESERVED_BYTES,
+    )
+    plan.summary["sim_wall_s"] = time.perf_counter() - t0
+    return plan
+
+
+def _regroup(traces: list[RankTrace]) -> tuple[list[list[int]], list[RankTrace]]:
+    """Exhaustive runs: every rank is its own class; keep rank order."""
+    traces = sorted(traces, key=lambda tr: tr.rank)
+    return [[tr.rank] for tr in traces], traces
+
+
+def simulate(cfg: SimdistConfig, **kwargs: Any) -> ClusterPlan:
+    """Simulate one plan; see `simulate_async` for the options."""
+    return asyncio.run(simulate_async(cfg, **kwargs))

@@ -1,0 +1,58 @@
+"""Where in the step we are: phase (fwd / bwd / optim), micro-batch weight, and whether the
+current dispatch belongs to simdist's bookkeeping rather than to the simulated program.
+
+Shared by the recording modes so that each stays one concern."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from torch.distributed._tools.mod_tracker import ModTracker
+
+PHASES = ("init", "fwd", "bwd", "optim")
+
+
+class StepContext:
+    """Mutable cursor read by every recorder on every op."""
+
+    def __init__(self) -> None:
+        self.phase = "init"
+        # How many identical micro-batches the op being executed stands for (see step.py).
+        self.weight = 1
+        self.mod_tracker = ModTracker()
+        self._excluded = threading.local()
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str, weight: int = 1) -> Iterator[None]:
+        prev = self.phase, self.weight
+        self.phase, self.weight = phase, weight
+        try:
+            yield
+        finally:
+            self.phase, self.weight = prev
+
+    def module(self) -> str:
+        """Innermost module FQN that is running (forward or backward)."""
+        parents = self.mod_tracker.parents
+        if not parents:
+            return ""
+        best = max(parents, key=lambda name: (name.count("."), len(name)))
+        # ModTracker names the root module by its class ("FSDPLlama3.layers.0"); report FQNs
+        # relative to the model, without wrapper segments.
+        _, _, fqn = best.partition(".")
+        return fqn.replace("._checkpoint_wrapped_module", "")
+
+    @property
+    def excluded(self) -> bool:
+        return getattr(self._excluded, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def exclude(self) -> Iterator[None]:
+        """Ops run inside are simdist's or torch's bookkeeping, not the simulated program."""
+        self._excluded.depth = getattr(self._excluded, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._excluded.depth -= 1

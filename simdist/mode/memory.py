@@ -1,0 +1,167 @@
+"""Storage-level memory timeline.
+
+Every storage that an op creates is tracked from birth (its first appearance as an op output) to
+death (a weakref finaliser on the storage object), and FSDP2's `UntypedStorage.resize_` calls
+(which free and re-allocate unsharded parameters outside dispatch) are followed through a patch
+installed only while the tracker is active. A saved-tensors hook marks the storages autograd
+keeps for backward: their live total is the activation curve."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
+
+from simdist.mode.context import StepContext
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds the bytes (a DTensor's local shard)."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if inner is not None else t
+
+
+def is_dtensor_dispatch(types: Any) -> bool:
+    # DTensor-level ops re-dispatch onto local shards; count only those, once.
+    return any(getattr(t, "__name__", "") == "DTensor" for t in types)
+
+
+@dataclass
+class StorageInfo:
+    nbytes: int
+    category: str = "other"
+    saved: bool = False
+
+
+@dataclass
+class MemoryEvent:
+    seq: int
+    phase: str
+    module: str
+    op: str
+    delta: int
+    live: int
+
+
+@dataclass(eq=False)
+class MemoryTracker(TorchDispatchMode):
+    ctx: StepContext
+    storages: dict[int, StorageInfo] = field(default_factory=dict)
+    events: list[MemoryEvent] = field(default_factory=list)
+    live: int = 0
+    peak: int = 0
+    peak_event: MemoryEvent | None = None
+    saved_live: int = 0
+    saved_peak: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self._resize_orig = None
+
+    # -- registration ---------------------------------------------------------------------
+    def track(self, t: torch.Tensor, category: str = "other", op: str = "") -> None:
+        st = local_tensor(t).untyped_storage()
+        key = st._cdata
+        if key in self.storages:
+            return
+        nbytes = st.nbytes()
+        self.storages[key] = StorageInfo(nbytes, category)
+        weakref.finalize(st, self._on_free, key)
+        self._change(nbytes, op)
+
+    def track_existing(self, tensors: Any, category: str) -> None:
+        """Register storages alive before tracking started (parameters, optimizer state)."""
+        for t in tree_iter(tensors):
+            if isinstance(t, torch.Tensor):
+                self.track(t, category, op="<resident>")
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+        self.peak_event = None
+        self.saved_peak = self.saved_live
+        self.events.clear()
+
+    # -- accounting -----------------------------------------------------------------------
+    def _change(self, delta: int, op: str) -> None:
+        if delta == 0:
+            return
+        self.live += delta
+        ev = MemoryEvent(len(self.events), self.ctx.phase, self.ctx.module(), op, delta, self.live)
+        self.events.append(ev)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_event = ev
+
+    def _on_free(self, key: int) -> None:
+        info = self.storages.pop(key, None)
+        if info is None:
+            return
+        if info.saved:
+            self.saved_live -= info.nbytes
+        self._change(-info.nbytes, "<free>")
+
+    def _on_resize(self, st: torch.UntypedStorage, nbytes: int) -> None:
+        info = self.storages.get(st._cdata)
+        if info is None:
+            return
+        delta = nbytes - info.nbytes
+        info.nbytes = nbytes
+        if info.saved:
+            self._saved_change(delta)
+        self._change(delta, "resize_")
+
+    def _saved_change(self, delta: int) -> None:
+        self.saved_live += delta
+        self.saved_peak = max(self.saved_peak, self.saved_live)
+
+    def mark_saved(self, t: torch.Tensor) -> None:
+        """Called by the saved-tensors hook: autograd keeps `t` until backward."""
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
+            return  # parameters (also FSDP's unsharded ones) are not activations
+        info = self.storages.get(local_tensor(t).untyped_storage()._cdata)
+        if info is None or info.saved or info.category != "other":
+            return
+        info.saved = True
+        self._saved_change(info.nbytes)
+
+    def saved_tensors_hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not self.ctx.excluded:
+                self.mark_saved(local_tensor(t))
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if is_dtensor_dispatch(types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if not self.ctx.excluded:
+            name = func.__name__
+            for t in tree_iter(out):
+                if isinstance(t, torch.Tensor):
+                    self.track(t, op=name)
+        return out
+
+    def __enter__(self) -> "MemoryTracker":
+        tracker = self
+        orig = torch.UntypedStorage.resize_
+        self._resize_orig = orig
+
+        def resize_(st: torch.UntypedStorage, size: int):  # noqa: ANN202
+            result = orig(st, size)
+            tracker._on_resize(st, int(size))
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.UntypedStorage.resize_ = self._resize_orig
+        super().__exit__(*exc)

@@ -1,0 +1,76 @@
+"""FLOPs and bytes per op, by phase and module.
+
+FLOPs come from torch's own formulas (`torch.utils.flop_counter.flop_registry`, the table behind
+FlopCounterMode); bytes are the sizes of the op's tensor inputs and outputs (what a kernel reads
+and writes from HBM, ignoring cache reuse). View and metadata ops move nothing and are skipped.
+Rows are aggregated by (op, phase, module, input shapes) so identical launches become one row with
+a count; per-row time estimates therefore stay exact (`count` times one launch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
+from torch.utils.flop_counter import flop_registry
+
+from simdist.mode.context import StepContext
+from simdist.mode.memory import is_dtensor_dispatch
+
+# Collectives and bookkeeping are recorded elsewhere (collectives.py) or move no data.
+_SKIP_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "profiler"}
+
+
+def _tensor_bytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
+
+
+def _shapes(args: Any) -> str:
+    return ";".join(
+        "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}"
+        for t in tree_iter(args) if isinstance(t, torch.Tensor)
+    )
+
+
+@dataclass
+class OpRow:
+    count: int = 0
+    flops: int = 0
+    bytes: int = 0
+
+
+@dataclass(eq=False)
+class OpCounter(TorchDispatchMode):
+    ctx: StepContext
+    rows: dict[tuple[str, str, str, str], OpRow] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if is_dtensor_dispatch(types):
+            return NotImplemented
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.ctx.excluded or self.ctx.phase == "init" or func.is_view:
+            return out
+        if func.namespace in _SKIP_NAMESPACES:
+            return out
+        packet = func._overloadpacket
+        flop_fn = flop_registry.get(packet)
+        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+        nbytes = _tensor_bytes(args) + _tensor_bytes(out)
+        key = (str(packet).removeprefix("aten."), self.ctx.phase, self.ctx.module(), _shapes(args))
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = OpRow()
+        w = self.ctx.weight
+        row.count += w
+        row.flops += w * flops
+        row.bytes += w * nbytes
+        return out
+
+    def total_flops(self, phase: str | None = None) -> int:
+        return sum(r.flops for (_, ph, _, _), r in self.rows.items() if phase in (None, ph))

@@ -1,0 +1,132 @@
+"""One training step of one rank on fake tensors, recorded.
+
+Micro-batches: the first creates the gradients, the second accumulates into them; the third and
+later ones repeat the second exactly (same shapes, same live state, same collectives), so by
+default the second is executed once with weight n-1 (`all_microbatches` executes them all, which
+the tests use to prove the two give the same rows)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from simdist import schema
+from simdist.mode.collectives import CollectiveRecorder
+from simdist.mode.context import StepContext
+from simdist.mode.memory import MemoryTracker, local_tensor
+from simdist.mode.ops import OpCounter
+
+
+def _storage_bytes(tensors) -> int:  # noqa: ANN001
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = local_tensor(t).untyped_storage()
+        seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+
+
+def loss_fn(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # torchtitan computes the loss in fp32; GPT's logits are [seq, batch, vocab].
+    if getattr(model, "seq_first_output", False):
+        labels = labels.t()
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+def make_optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+
+def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Steady state: the optimizer state exists before the step (it is created lazily at the
+    first `step()`, which a real job runs once, long before the step we measure)."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
+    colls = CollectiveRecorder(ctx, group_dims)
+    ops = OpCounter(ctx)
+    mem = MemoryTracker(ctx)
+    with ctx.mod_tracker, colls, ops, mem:
+        yield colls, ops, mem
+
+
+def run_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fake_mode: FakeTensorMode,
+    ctx: StepContext,
+    *,
+    group_dims: dict[str, str],
+    vocab_size: int,
+    batch: int,
+    seq_len: int,
+    num_microbatches: int,
+    all_microbatches: bool,
+) -> dict:
+    """Execute and record one step; returns the trace fields (see RankTrace)."""
+    t0 = time.perf_counter()
+    params = list(model.parameters())
+    executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
+    weights = [1] * executed
+    if executed < num_microbatches:
+        weights[-1] = num_microbatches - 1
+    with fake_mode, recording(ctx, group_dims) as (colls, ops, mem):
+        mem.track_existing(params, "param")
+        mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
+        mem.reset_peak()
+        for weight in weights:
+            with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
+                tokens = torch.randint(0, vocab_size, (batch, seq_len))
+                labels = torch.randint(0, vocab_size, (batch, seq_len))
+                loss = loss_fn(model, model(tokens), labels)
+            with ctx.in_phase("bwd", weight):
+                loss.backward()
+            del loss, tokens, labels
+        with ctx.in_phase("optim"):
+            param_bytes = _storage_bytes(params)
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_bytes = _storage_bytes(grads)
+            del grads
+            optimizer.step()
+            optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
+            optimizer.zero_grad(set_to_none=True)
+    peak = mem.peak
+    activation = mem.saved_peak
+    other = max(0, peak - param_bytes - grad_bytes - optimizer_bytes - activation)
+    op_rows = [dict(op=k[0], phase=k[1], module=k[2], shapes=k[3], count=r.count,
+                    flops=r.flops, bytes=r.bytes) for k, r in ops.rows.items()]
+    coll_rows = [dict(op=k[0], kind=k[1], mesh_dim=k[2], group_size=k[3], bytes=k[4],
+                      phase=k[5], module=k[6], count=r.count) for k, r in colls.rows.items()]
+    mem_rows = [dict(seq=e.seq, phase=e.phase, module=e.module, op=e.op, delta=e.delta,
+                     live=e.live) for e in mem.events]
+    ev = mem.peak_event
+    return dict(
+        peak_bytes=peak, param_bytes=param_bytes, grad_bytes=grad_bytes,
+        optimizer_bytes=optimizer_bytes, activation_bytes=activation, other_bytes=other,
+        peak_phase=ev.phase if ev else "", peak_module=ev.module if ev else "",
+        flops=ops.total_flops(), model_flops=3 * ops.total_flops("fwd"),
+        hbm_bytes=sum(r.bytes for r in ops.rows.values()),
+        comm_bytes=sum(k[4] * r.count for k, r in colls.rows.items()),
+        ops=schema.table(schema.OPS, op_rows),
+        collectives=schema.table(schema.COLLECTIVES, coll_rows),
+        memory=schema.table(schema.MEMORY, mem_rows),
+        executed_microbatches=executed, wall_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,49 @@
+"""What a worker is asked (RankTask) and what it answers (RankTrace). Both pickle cheaply: the
+tables are Arrow, which Ray moves through its object store without copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from simdist.models import ModelSpec
+from simdist.parallel.mesh import MeshLayout
+
+
+@dataclass(frozen=True)
+class RankTask:
+    rank: int
+    layout: MeshLayout
+    model: ModelSpec
+    seq_len: int
+    micro_batch: int
+    num_microbatches: int
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    activation_checkpointing: str = "none"
+    # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
+    all_microbatches: bool = False
+
+
+@dataclass
+class RankTrace:
+    rank: int
+    peak_bytes: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    other_bytes: int
+    peak_phase: str
+    peak_module: str
+    flops: int  # every executed FLOP of the step (all micro-batches, recompute included)
+    model_flops: int  # 3 x forward FLOPs: the model-FLOPs convention (no recompute)
+    hbm_bytes: int
+    comm_bytes: int
+    ops: pa.Table
+    collectives: pa.Table
+    memory: pa.Table
+    executed_microbatches: int
+    wall_s: float
+    fake_cache: dict[str, int] = field(default_factory=dict)

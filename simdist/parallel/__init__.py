@@ -1,0 +1,60 @@
+"""Plan -> torch.distributed: the device mesh and one `parallelize_<family>` per model family,
+each built from small apply_* steps (torchtitan's structure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from simdist.parallel.checkpointing import apply_ac
+from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
+from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What a worker needs to parallelise one rank's model."""
+
+    layout: MeshLayout
+    param_dtype: torch.dtype
+    activation_checkpointing: str = "none"
+
+
+def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
+    return init_device_mesh("cpu", layout.degrees, mesh_dim_names=MESH_ORDER)
+
+
+def mesh_group_dims(mesh: DeviceMesh) -> dict[str, str]:
+    """process-group name -> mesh dim name, to label recorded collectives."""
+    return {mesh.get_group(name).group_name: name for name in MESH_ORDER}
+
+
+def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    rep, shard = plan.layout.degree("dp_replicate"), plan.layout.degree("dp_shard")
+    if shard == 1 and rep > 1:
+        apply_ddp(model, mesh["dp_replicate"], plan.param_dtype)
+    elif rep > 1:
+        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], plan.param_dtype)
+    else:
+        # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
+        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype)
+
+
+def parallelize_llama3(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    apply_ac(model, plan.activation_checkpointing)
+    apply_data_parallel(model, mesh, plan)
+
+
+def parallelize_gpt(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    apply_ac(model, plan.activation_checkpointing)
+    apply_data_parallel(model, mesh, plan)
+
+
+PARALLELIZE = {"llama3": parallelize_llama3, "gpt": parallelize_gpt, "custom": parallelize_llama3}
+
+
+def parallelize(family: str, model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    PARALLELIZE[family](model, mesh, plan)

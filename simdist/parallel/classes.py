@@ -1,0 +1,42 @@
+"""Exact rank equivalence classes.
+
+Two ranks are in one class when nothing that can change their execution differs. For the
+parallelisms built here that is each mesh coordinate's *execution signature*, computed from the
+model and the plan rather than assumed:
+- dp_shard: the local shard of every parameter. FSDP2 shards dim 0 with `torch.chunk`
+  semantics (ceil-sized chunks, trailing ranks short or empty), so uneven dims give different
+  shards at the tail of the group.
+- pp: the stage (different layers). tp / cp: shard shapes (even by validation) -> one signature.
+- dp_replicate: replicas run identical programs.
+Per-dimension signatures are computed once per coordinate (not per rank), so 16k ranks cost
+milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+
+
+def chunk_size(n: int, parts: int, index: int) -> int:
+    """Length of chunk `index` of `torch.chunk(range(n), parts)` (0 when it does not exist)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - index * size))
+
+
+def dp_shard_signatures(dim0_sizes: Iterable[int], degree: int) -> list[tuple[int, ...]]:
+    sizes = sorted(set(dim0_sizes))
+    return [tuple(chunk_size(n, degree, i) for n in sizes) for i in range(degree)]
+
+
+def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int]) -> dict[tuple, list[int]]:
+    """class signature -> ranks, in rank order; the first rank of each class represents it."""
+    sigs: dict[str, list] = {d: [0] * layout.degree(d) for d in MESH_ORDER}
+    sigs["dp_shard"] = dp_shard_signatures(dim0_sizes, layout.degree("dp_shard"))
+    sigs["pp"] = list(range(layout.degree("pp")))
+    classes: dict[tuple, list[int]] = {}
+    for rank in range(layout.world_size):
+        coords = layout.coords(rank)
+        key = tuple((d, sigs[d][coords[d]]) for d in MESH_ORDER)
+        classes.setdefault(key, []).append(rank)
+    return classes

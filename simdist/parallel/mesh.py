@@ -1,0 +1,49 @@
+"""The logical device mesh as plain data: which coordinates a rank has, which ranks share a
+group. Pure Python (no torch), so the coordinator can reason about 16k ranks cheaply; the
+worker builds the matching torch DeviceMesh from the same layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+# torchtitan's order: pipeline outermost, tensor parallel innermost (inside a node).
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    degrees: tuple[int, ...]  # one per MESH_ORDER entry
+
+    @classmethod
+    def from_parallel(cls, pp: int, dp_replicate: int, dp_shard: int, cp: int, tp: int) -> "MeshLayout":
+        return cls((pp, dp_replicate, dp_shard, cp, tp))
+
+    @property
+    def world_size(self) -> int:
+        return prod(self.degrees)
+
+    def degree(self, dim: str) -> int:
+        return self.degrees[MESH_ORDER.index(dim)]
+
+    def coords(self, rank: int) -> dict[str, int]:
+        out = {}
+        for name, deg in zip(reversed(MESH_ORDER), reversed(self.degrees)):
+            out[name] = rank % deg
+            rank //= deg
+        return {name: out[name] for name in MESH_ORDER}
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        rank = 0
+        for name, deg in zip(MESH_ORDER, self.degrees):
+            rank = rank * deg + coords[name]
+        return rank
+
+    def group(self, rank: int, dims: tuple[str, ...] | str) -> list[int]:
+        """Ranks that share every coordinate with `rank` except those in `dims`."""
+        dims = (dims,) if isinstance(dims, str) else dims
+        base = self.coords(rank)
+        ranks = [base]
+        for d in dims:
+            ranks = [dict(c, **{d: i}) for c in ranks for i in range(self.degree(d))]
+        return sorted(self.rank_of(c) for c in ranks)

@@ -1,0 +1,37 @@
+"""Checks that need both the plan and the model (the config alone cannot tell): raised as
+ConfigError so the CLI exits 2 with the key at fault."""
+
+from __future__ import annotations
+
+from simdist.config import ConfigError, SimdistConfig
+from simdist.models import ModelSpec
+
+SUPPORTED_NOW = {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
+
+
+def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
+    par = cfg.parallel
+    for key, allowed in SUPPORTED_NOW.items():
+        if getattr(par, key) != allowed:
+            raise ConfigError(f"parallel.{key}", f"{key}={getattr(par, key)} is not supported yet; "
+                                                 f"allowed: {allowed} (data parallelism: dp_shard, dp_replicate)")
+    if cfg.training.activation_checkpointing not in ("none", "full"):
+        raise ConfigError("training.activation_checkpointing",
+                          f"{cfg.training.activation_checkpointing!r} is not supported yet; "
+                          "allowed: none, full")
+    if cfg.parallel.zero_stage != 3:
+        raise ConfigError("parallel.zero_stage", "only zero_stage 3 (FSDP2) is supported yet; allowed: 3")
+    args = spec.args
+    if args is None:
+        return
+    heads = getattr(args, "n_heads", None)
+    dim = getattr(args, "dim", None)
+    if heads and dim and dim % heads:
+        raise ConfigError("model.n_heads", f"dim {dim} is not divisible by n_heads {heads}")
+    kv = getattr(args, "n_kv_heads", None)
+    if kv and heads and heads % kv:
+        raise ConfigError("model.n_kv_heads", f"n_heads {heads} is not divisible by n_kv_heads {kv}")
+    max_seq = getattr(args, "max_seq_len", None)
+    if max_seq and cfg.training.seq_len > max_seq:
+        raise ConfigError("training.seq_len", f"{cfg.training.seq_len} exceeds the model's "
+                                              f"max_seq_len {max_seq}")
