@@ -47,7 +47,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(args.dim, 3 * args.dim)
         self.proj = nn.Linear(args.dim, args.dim)
 
-    def core_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+    def core_attention(self, qkv: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         """qkv: [s, b, heads * 3 * d] -> context [s, b, heads * d]."""
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, -1, 3 * self.head_dim)
@@ -67,14 +67,13 @@ class SelfAttention(nn.Module):
             torch.empty(b * heads, s, s, dtype=q.dtype, device=q.device),
             q, k.transpose(1, 2), beta=0.0, alpha=1.0 / math.sqrt(self.head_dim),
         )
-        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu_(1)
         probs = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
         probs = dropout(probs, self.p, self.training)
         ctx = torch.bmm(probs, v)  # [b*heads, s, d]
         return ctx.transpose(0, 1).reshape(s, b, heads * self.head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.core_attention(self.qkv(x)))
+    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.core_attention(self.qkv(x), causal))
 
 
 class MLP(nn.Module):
@@ -96,8 +95,8 @@ class GPTBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + dropout(self.attn(self.ln_1(x)), self.p, self.training)
+    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        x = x + dropout(self.attn(self.ln_1(x), causal), self.p, self.training)
         return x + dropout(self.mlp(self.ln_2(x)), self.p, self.training)
 
 
@@ -125,8 +124,12 @@ class GPT(nn.Module):
             h = dropout(h, self.args.dropout, self.training).transpose(0, 1)  # [s, b, h]
         else:
             h = tokens
+        # The causal mask is built once per step and shared by every layer (Megatron's fused
+        # masked softmax keeps none; one shared mask is the closest plain PyTorch gets).
+        s = h.shape[0]
+        causal = torch.ones(s, s, dtype=torch.bool, device=h.device).triu_(1)
         for layer in self.layers.values():
-            h = layer(h)
+            h = layer(h, causal)
         if self.output is None:
             return h
         return self.output(self.norm(h))  # [s, b, vocab]: see `seq_first_output`

@@ -13,9 +13,39 @@ import torch
 import torch.nn.functional as F
 
 
+# RMSNorm. On CUDA `F.rms_norm` runs the fused `aten::_fused_rms_norm` kernel, whose autograd
+# saves (input, rstd) and whose backward is `aten::_fused_rms_norm_backward`. A CPU build has only
+# the composite form, which upcasts to fp32 and saves three fp32 copies. torch has no way to pick
+# the CUDA kernel on a CPU build, so this custom op is ours: forward allocates what the CUDA
+# kernel allocates (output, fp32 rstd), backward calls torch's own backward op.
+@torch.library.custom_op("simdist::fused_rms_norm", mutates_args=())
+def _fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+    return out.clone(), rstd.clone()
+
+
+@_fused_rms_norm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _rms_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, output[1], weight)
+
+
+def _rms_backward(ctx, grad_out, _grad_rstd):  # noqa: ANN001, ANN202
+    x, rstd, weight = ctx.saved_tensors
+    gx, gw = torch.ops.aten._fused_rms_norm_backward(
+        grad_out, x, [x.shape[-1]], rstd, weight, [True, True])
+    return gx, gw, None
+
+
+_fused_rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # On CUDA `F.rms_norm` dispatches to the fused kernel, which saves (input, rstd) only.
-    return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0]
+    return _fused_rms_norm(x, weight, eps)[0]
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""Per-rank accounting from fake execution against independent expectations: exact parameter
+counts, the ZeRO/FSDP model-state formula, activation bytes derived by hand from the model code,
+the Megatron/torchtitan FLOP formulas, and collective bytes from the module structure."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_rank, spec
+
+from simdist.models import build_model, count_params
+
+N_8B = 8_030_261_248
+
+
+def test_llama3_8b_parameter_count_is_exact():
+    assert count_params(build_model(spec("llama3-8b"))) == N_8B
+
+
+def test_gpt_parameter_count_matches_megatron_formula():
+    # Narayanan et al. 2021: P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h)), tied embeddings.
+    l, h, V, s = 36, 4096, 51200, 2048
+    expected = 12 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h))
+    # The formula leaves out the final LayerNorm (weight and bias: 2h).
+    assert count_params(build_model(spec("gpt-7.5b", seq_len=s))) == round(expected) + 2 * h
+
+
+def test_fsdp_model_states_are_16N_over_8(llama8b):
+    tr = run_rank(llama8b, dp_shard=8)
+    states = tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes
+    assert abs(states - 16 * N_8B / 8) / (16 * N_8B / 8) < 0.01
+    # fp32 sharded params and grads, two fp32 Adam moments
+    assert tr.param_bytes == tr.grad_bytes == 4 * N_8B // 8
+    assert tr.peak_bytes >= states + tr.activation_bytes
+
+
+def test_ddp_model_states_are_16N_and_bf16_copies_are_other(llama8b):
+    tr = run_rank(llama8b, dp_replicate=8)
+    states = tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes
+    assert abs(states - 16 * N_8B) / (16 * N_8B) < 0.01
+    # the bf16 compute copies of the parameters live in "other" at the peak
+    assert tr.other_bytes >= 0.5 * 2 * N_8B
+
+
+def _per_layer_saved(preset: str, attention: str, **kw) -> int:
+    one = run_rank(spec(preset, attention=attention, n_layers=1, **kw), micro_batch=2)
+    two = run_rank(spec(preset, attention=attention, n_layers=2, **kw), micro_batch=2)
+    return two.activation_bytes - one.activation_bytes
+
+
+def test_llama3_saved_activations_per_layer_match_the_code():
+    b, s, h, a, f = 2, 256, 256, 16, 768  # llama3-debug, micro_batch 2, seq 256, bf16
+    # Saved for backward by one TransformerBlock (bytes):
+    #   attention_norm: input x 2bsh + fp32 rstd 4bs      (fused RMSNorm saves input and rstd)
+    #   wq/wk/wv: their shared input (the norm output)     2bsh
+    #   RoPE multiplies by constant cos/sin (shared across layers): saves nothing per layer
+    #   flash attention: q after RoPE 2bsh, k and v after repeat_kv (copies at n_heads) 2bsh each,
+    #     output 2bsh (also wo's input: flash writes [b, s, heads, d], so no copy), fp32
+    #     logsumexp 4bas, philox seed + offset (uint64 [2] and []) 24 bytes
+    #   ffn_norm: input h 2bsh + rstd 4bs; w1/w3 input 2bsh
+    #   SwiGLU: w1 out (silu input) 2bsf, silu out 2bsf, w3 out 2bsf, product (w2 input) 2bsf
+    expected = 16 * b * s * h + 8 * b * s * f + 8 * b * s + 4 * b * a * s + 24
+    assert _per_layer_saved("llama3-debug", "flash") == expected
+
+
+def test_gpt_eager_saved_activations_match_korthikanti():
+    b, s, h, a = 2, 256, 256, 8  # gpt-debug
+    # Korthikanti et al. 2022, eq. 1: sbh(34 + 5as/h) per layer with 16-bit activations and
+    # 1-byte dropout masks. The code also keeps LayerNorm's mean and rstd ([s, b, 1] each, two
+    # LayerNorms, activation dtype): 4 * 2sb bytes, which the paper neglects.
+    expected = s * b * h * (34 + 5 * a * s / h) + 8 * s * b
+    assert _per_layer_saved("gpt-debug", "eager") == expected
+
+
+def test_gpt_flash_saved_activations_per_layer_match_the_code():
+    b, s, h, a = 2, 256, 256, 8
+    # As eager, but the attention core saves no s x s tensor: instead its output 2sbh (which is
+    # also the projection's input), fp32 logsumexp 4bas and the philox seed/offset (24 bytes);
+    # the 5as^2b of softmax, dropout mask and dropout output disappear. 34sbh is kept:
+    # LN1 out 2 + QKV 6 + attn out 2 + dropout mask 1 + LN2 in 2 + LN2 out 2 + fc1 out 8
+    # + gelu out 8 + dropout mask 1 + next LN1 input 2.
+    expected = 34 * s * b * h + 4 * b * a * s + 8 * s * b + 24
+    assert _per_layer_saved("gpt-debug", "flash") == expected
+
+
+def test_model_flops_match_torchtitan_formula(llama8b):
+    seq, mb, n_mb = 512, 2, 3
+    tr = run_rank(llama8b, dp_shard=8, seq_len=seq, micro_batch=mb, num_microbatches=n_mb)
+    a = llama8b.args
+    n_embedding = a.vocab_size * a.dim
+    tokens = seq * mb * n_mb
+    # torchtitan: 6 (N - N_embedding) + 12 L H Q T per token (H heads x Q head dim = dim)
+    expected = (6 * (N_8B - n_embedding) + 12 * a.n_layers * a.dim * seq) * tokens
+    assert abs(tr.model_flops - expected) / expected < 0.01
+    # executed FLOPs: backward matmuls are 2x forward, flash backward 2.5x forward (torch's formula)
+    assert tr.flops > tr.model_flops
+
+
+def test_fsdp_collectives_have_exact_bytes_per_unit():
+    model = spec("llama3-debug")
+    tr = run_rank(model, dp_shard=8, num_microbatches=2)
+    rows = tr.collectives.to_pylist()
+    a = model.args
+    layer_params = (2 * a.dim * a.dim + 2 * a.dim * a.n_kv_heads * a.head_dim
+                    + 3 * a.dim * a.ffn_dim + 2 * a.dim)
+    root_params = 2 * a.vocab_size * a.dim + a.dim
+    ag = [r for r in rows if r["kind"] == "all_gather"]
+    rs = [r for r in rows if r["kind"] == "reduce_scatter"]
+    assert {r["mesh_dim"] for r in rows} == {"dp_shard"} and {r["group_size"] for r in rows} == {8}
+    # all-gathers carry bf16 parameters; reduce-scatters fp32 gradients (MixedPrecisionPolicy)
+    assert {r["bytes"] for r in ag} == {2 * layer_params, 2 * root_params}
+    assert {r["bytes"] for r in rs} == {4 * layer_params, 4 * root_params}
+    # per micro-batch: forward all-gathers every unit; backward re-gathers every block but the
+    # last (not resharded after forward) and the root; one reduce-scatter per unit.
+    per_mb_ag = sum(r["count"] * r["bytes"] for r in ag) / 2
+    assert per_mb_ag == 2 * (root_params + a.n_layers * layer_params + (a.n_layers - 1) * layer_params)
+    per_mb_rs = sum(r["count"] * r["bytes"] for r in rs) / 2
+    assert per_mb_rs == 4 * (root_params + a.n_layers * layer_params)
+
+
+def test_ddp_all_reduces_every_gradient_once_per_microbatch():
+    model = spec("llama3-debug")
+    tr = run_rank(model, dp_replicate=4, num_microbatches=3)
+    rows = tr.collectives.to_pylist()
+    assert {r["kind"] for r in rows} == {"all_reduce"}
+    assert {r["mesh_dim"] for r in rows} == {"dp_replicate"}
+    n = count_params(build_model(model))
+    assert sum(r["count"] * r["bytes"] for r in rows) == 3 * 4 * n  # fp32, every micro-batch
+
+
+def test_repeated_microbatches_equal_full_execution():
+    model = spec("llama3-debug")
+    short = run_rank(model, dp_shard=4, num_microbatches=4)
+    full = run_rank(model, dp_shard=4, num_microbatches=4, all_microbatches=True)
+    assert short.executed_microbatches == 2 and full.executed_microbatches == 4
+    for field in ("peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
+                  "other_bytes", "flops", "model_flops", "hbm_bytes", "comm_bytes"):
+        assert getattr(short, field) == getattr(full, field), field
+    key = lambda t: sorted(map(str, t.to_pylist()))  # noqa: E731
+    assert key(short.ops) == key(full.ops)
+    assert key(short.collectives) == key(full.collectives)
+
+
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_full_checkpointing_keeps_only_block_inputs(ac):
+    model = spec("llama3-debug", n_layers=2)
+    tr = run_rank(model, activation_checkpointing=ac, micro_batch=2)
+    if ac == "full":
+        # recompute: backward runs the forward of every block again
+        assert tr.flops > run_rank(model, micro_batch=2).flops
