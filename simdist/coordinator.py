@@ -56,6 +56,10 @@ def prepare(cfg: SimdistConfig) -> tuple[ModelSpec, MeshLayout, list[list[int]],
     layout = MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
     model = build_model(spec, "meta")
     dim0 = [prm.shape[0] for prm in model.parameters() if prm.dim() > 0]
+    if p.tp > 1:
+        # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp. Adding
+        # both sizes can only split classes further, never merge ranks that differ.
+        dim0 += [d // p.tp for d in dim0 if d % p.tp == 0]
     classes = list(rank_classes(layout, dim0).values())
     return spec, layout, classes, gpu
 
@@ -65,7 +69,8 @@ def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) ->
     return RankTask(rank=rank, layout=layout, model=spec, seq_len=t.seq_len,
                     micro_batch=t.micro_batch, num_microbatches=cfg.num_microbatches,
                     dtype=t.dtype, optimizer=t.optimizer,
-                    activation_checkpointing=t.activation_checkpointing)
+                    activation_checkpointing=t.activation_checkpointing,
+                    sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 @contextmanager

@@ -28,7 +28,8 @@ def simulate_rank(task: RankTask) -> RankTrace:
     ctx = StepContext()
     with rank_session(task.rank, task.layout.world_size, ctx):
         mesh = build_device_mesh(task.layout)
-        plan = ParallelPlan(task.layout, torch_dtype(task.dtype), task.activation_checkpointing)
+        plan = ParallelPlan(task.layout, torch_dtype(task.dtype), task.activation_checkpointing,
+                            task.sequence_parallel)
         model = build_model(task.model, "meta")
         parallelize(task.model.family, model, mesh, plan)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -43,6 +44,7 @@ def simulate_rank(task: RankTask) -> RankTrace:
             group_dims=mesh_group_dims(mesh),
             vocab_size=_vocab(task), batch=task.micro_batch, seq_len=task.seq_len,
             num_microbatches=task.num_microbatches, all_microbatches=task.all_microbatches,
+            loss_parallel=plan.loss_parallel,
         )
     cache1 = _cache_counts()
     fields["wall_s"] = time.perf_counter() - t0

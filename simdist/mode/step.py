@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 
 from simdist import schema
 from simdist.mode.collectives import CollectiveRecorder
@@ -80,6 +81,7 @@ def run_step(
     seq_len: int,
     num_microbatches: int,
     all_microbatches: bool,
+    loss_parallel: bool = False,
 ) -> dict:
     """Execute and record one step; returns the trace fields (see RankTrace)."""
     t0 = time.perf_counter()
@@ -93,12 +95,16 @@ def run_step(
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
         mem.reset_peak()
         for weight in weights:
-            with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
-                tokens = torch.randint(0, vocab_size, (batch, seq_len))
-                labels = torch.randint(0, vocab_size, (batch, seq_len))
-                loss = loss_fn(model, model(tokens), labels)
-            with ctx.in_phase("bwd", weight):
-                loss.backward()
+            # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
+            # shards, as torchtitan does with `loss_parallel`.
+            lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()
+            with lp:
+                with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
+                    tokens = torch.randint(0, vocab_size, (batch, seq_len))
+                    labels = torch.randint(0, vocab_size, (batch, seq_len))
+                    loss = loss_fn(model, model(tokens), labels)
+                with ctx.in_phase("bwd", weight):
+                    loss.backward()
             del loss, tokens, labels
         with ctx.in_phase("optim"):
             param_bytes = _storage_bytes(params)

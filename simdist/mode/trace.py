@@ -22,6 +22,7 @@ class RankTask:
     dtype: str = "bf16"
     optimizer: str = "adamw"
     activation_checkpointing: str = "none"
+    sequence_parallel: bool = True
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
 

@@ -83,8 +83,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = apply_rope(q, cos[:s], sin[:s])
+        k = apply_rope(k, cos[:s], sin[:s])
         n_rep = q.shape[2] // k.shape[2]
         k = repeat_kv(k, n_rep)
         v = repeat_kv(v, n_rep)
@@ -131,7 +131,8 @@ class Llama3(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Pipeline stages drop modules by setting them to None, as torchtitan does.
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seq_len = h.shape[1]
+        # From the token ids: under sequence parallelism `h` holds a slice of the sequence.
+        seq_len = tokens.shape[1]
         cos, sin = rope_cos_sin(self.args.head_dim, seq_len, self.args.rope_theta)
         # One cast per step, shared by every layer (saved once, not once per layer).
         cos, sin = cos.to(device=h.device, dtype=h.dtype), sin.to(device=h.device, dtype=h.dtype)

@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from simdist.parallel.checkpointing import apply_ac
 from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+from simdist.parallel.tensor_parallel import apply_tp_llama3
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class ParallelPlan:
     layout: MeshLayout
     param_dtype: torch.dtype
     activation_checkpointing: str = "none"
+    sequence_parallel: bool = True
+
+    @property
+    def loss_parallel(self) -> bool:
+        # The output head stays vocab-sharded and the loss runs under `loss_parallel`.
+        return self.layout.degree("tp") > 1
 
 
 def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
@@ -44,6 +51,8 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
 
 
 def parallelize_llama3(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    if plan.layout.degree("tp") > 1:
+        apply_tp_llama3(model, mesh["tp"], plan.sequence_parallel, plan.loss_parallel)
     apply_ac(model, plan.activation_checkpointing)
     apply_data_parallel(model, mesh, plan)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from simdist.config import ConfigError, SimdistConfig
 from simdist.models import ModelSpec
 
-SUPPORTED_NOW = {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
+SUPPORTED_NOW = {"pp": 1, "cp": 1, "ep": 1}
+TP_FAMILIES = ("llama3",)
 
 
 def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
@@ -14,7 +15,13 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     for key, allowed in SUPPORTED_NOW.items():
         if getattr(par, key) != allowed:
             raise ConfigError(f"parallel.{key}", f"{key}={getattr(par, key)} is not supported yet; "
-                                                 f"allowed: {allowed} (data parallelism: dp_shard, dp_replicate)")
+                                                 f"allowed: {allowed} (data parallelism: dp_shard, "
+                                                 "dp_replicate; tensor parallelism: tp)")
+    tp = par.tp
+    if tp > 1 and spec.family not in TP_FAMILIES:
+        raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
+                                         f"{', '.join(TP_FAMILIES)} models, not {spec.family}; "
+                                         "allowed: tp=1")
     if cfg.training.activation_checkpointing not in ("none", "full"):
         raise ConfigError("training.activation_checkpointing",
                           f"{cfg.training.activation_checkpointing!r} is not supported yet; "
@@ -31,6 +38,14 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     kv = getattr(args, "n_kv_heads", None)
     if kv and heads and heads % kv:
         raise ConfigError("model.n_kv_heads", f"n_heads {heads} is not divisible by n_kv_heads {kv}")
+    if tp > 1:
+        for field in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+            value = getattr(args, field, None)
+            if value and value % tp:
+                raise ConfigError("parallel.tp", f"tp={tp} must divide model.{field}={value}")
+        if par.sequence_parallel and cfg.training.seq_len % tp:
+            raise ConfigError("parallel.tp", f"with sequence_parallel, tp={tp} must divide "
+                                             f"training.seq_len={cfg.training.seq_len}")
     max_seq = getattr(args, "max_seq_len", None)
     if max_seq and cfg.training.seq_len > max_seq:
         raise ConfigError("training.seq_len", f"{cfg.training.seq_len} exceeds the model's "
