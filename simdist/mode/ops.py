@@ -19,8 +19,18 @@ from torch.utils.flop_counter import flop_registry
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
 
-# Collectives and bookkeeping are recorded elsewhere (collectives.py) or move no data.
-_SKIP_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor", "profiler"}
+# Collectives and bookkeeping are recorded elsewhere (collectives.py) or move no data
+# (`prim.device`, `aten.sym_size`... answer metadata queries).
+_SKIP_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor",
+                    "profiler", "prim"}
+# Allocation and aliasing ops: no kernel touches memory (`_unsafe_view` reinterprets the result
+# of a copy; `empty*` only reserve).
+_NO_TRAFFIC = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+               "_unsafe_view", "detach", "alias", "lift_fresh", "set_", "resize_"}
+# Factory ops write their output and read nothing.
+_WRITE_ONLY = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
+               "new_ones", "new_full", "fill_", "zero_", "randint", "rand", "randn", "arange",
+               "scalar_tensor"}
 
 
 def _tensor_bytes(tree: Any) -> int:
@@ -59,9 +69,12 @@ class OpCounter(TorchDispatchMode):
         if func.namespace in _SKIP_NAMESPACES:
             return out
         packet = func._overloadpacket
+        name = packet.__name__
+        if name in _NO_TRAFFIC or not any(isinstance(t, torch.Tensor) for t in tree_iter(out)):
+            return out
         flop_fn = flop_registry.get(packet)
         flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
-        nbytes = _tensor_bytes(args) + _tensor_bytes(out)
+        nbytes = _tensor_bytes(out) if name in _WRITE_ONLY else _tensor_bytes(args) + _tensor_bytes(out)
         key = (str(packet).removeprefix("aten."), self.ctx.phase, self.ctx.module(), _shapes(args))
         row = self.rows.get(key)
         if row is None:
