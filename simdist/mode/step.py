@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_iter
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 
@@ -22,6 +23,7 @@ from simdist.mode.collectives import CollectiveRecorder
 from simdist.mode.context import StepContext
 from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
+from simdist.parallel.checkpointing import observe_checkpoint_inputs
 
 
 def _storage_bytes(tensors) -> int:  # noqa: ANN001
@@ -65,7 +67,12 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     colls = CollectiveRecorder(ctx, group_dims)
     ops = OpCounter(ctx)
     mem = MemoryTracker(ctx)
-    with ctx.mod_tracker, colls, ops, mem:
+    def checkpoint_inputs(args: tuple) -> None:
+        for t in tree_iter(args):
+            if isinstance(t, torch.Tensor):
+                mem.mark_saved(local_tensor(t))
+
+    with ctx.mod_tracker, colls, ops, mem, observe_checkpoint_inputs(checkpoint_inputs):
         yield colls, ops, mem
 
 

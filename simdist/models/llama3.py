@@ -88,11 +88,15 @@ class Attention(nn.Module):
         n_rep = q.shape[2] // k.shape[2]
         k = repeat_kv(k, n_rep)
         v = repeat_kv(v, n_rep)
+        return self.wo(self.core_attention(q, k, v))
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[b, s, heads, d] x3 -> [b, s, heads * d]; the part selective recompute redoes."""
+        b, s = q.shape[:2]
         out = scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True
         )
-        out = out.transpose(1, 2).contiguous().view(b, s, -1)
-        return self.wo(out)
+        return out.transpose(1, 2).contiguous().view(b, s, -1)
 
 
 class FeedForward(nn.Module):

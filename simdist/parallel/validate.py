@@ -22,10 +22,6 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
                                          f"{', '.join(TP_FAMILIES)} models, not {spec.family}; "
                                          "allowed: tp=1")
-    if cfg.training.activation_checkpointing not in ("none", "full"):
-        raise ConfigError("training.activation_checkpointing",
-                          f"{cfg.training.activation_checkpointing!r} is not supported yet; "
-                          "allowed: none, full")
     if cfg.parallel.zero_stage != 3:
         raise ConfigError("parallel.zero_stage", "only zero_stage 3 (FSDP2) is supported yet; allowed: 3")
     args = spec.args
