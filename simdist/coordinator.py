@@ -70,7 +70,10 @@ def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) ->
                     micro_batch=t.micro_batch, num_microbatches=cfg.num_microbatches,
                     dtype=t.dtype, optimizer=t.optimizer,
                     activation_checkpointing=t.activation_checkpointing,
-                    sequence_parallel=cfg.parallel.sequence_parallel)
+                    sequence_parallel=cfg.parallel.sequence_parallel,
+                    pp_schedule=cfg.parallel.pp_schedule,
+                    pp_virtual_stages=cfg.parallel.pp_virtual_stages,
+                    pp_layers=tuple(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None)
 
 
 @contextmanager
@@ -182,6 +185,9 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
         gpus_per_node=cfg.cluster.gpus_per_node, dtype=t.dtype, summary=summary,
         tokens_per_step=t.global_batch * t.seq_len,
         memory_limit_bytes=gpu.hbm_bytes - RESERVED_BYTES,
+        pp_schedule=cfg.parallel.pp_schedule,
+        pp_virtual_stages=cfg.parallel.pp_virtual_stages,
+        num_microbatches=cfg.num_microbatches,
     )
     plan.summary["sim_wall_s"] = time.perf_counter() - t0
     return plan

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from simdist import schema
-from simdist.costmodel import GPUSpec, collective_time, combine, mfu, op_times
+from simdist.costmodel import GPUSpec, collective_time, combine, mfu, op_times, pipeline_bubble
 from simdist.mode.trace import RankTrace
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
 
@@ -135,6 +135,9 @@ def merge(
     summary: dict[str, Any],
     tokens_per_step: int,
     memory_limit_bytes: int,
+    pp_schedule: str = "1f1b",
+    pp_virtual_stages: int = 1,
+    num_microbatches: int = 1,
 ) -> ClusterPlan:
     """Per-class traces -> per-rank rows (class numbers + the rank's own placement) + summary."""
     compute = [class_compute(tr, gpu, dtype) for tr in traces]
@@ -147,7 +150,10 @@ def merge(
             if (cid, sig) not in comm_cache:
                 comm_cache[(cid, sig)] = class_comm(tr, gpu, sig)
             comm_by_phase = comm_cache[(cid, sig)][0]
-            st = combine(compute_by_phase, comm_by_phase)
+            bubble = pipeline_bubble(
+                compute_by_phase.get("fwd", 0.0) + compute_by_phase.get("bwd", 0.0),
+                layout.degree("pp"), pp_virtual_stages, num_microbatches, pp_schedule)
+            st = combine(compute_by_phase, comm_by_phase, bubble_s=bubble)
             coords = layout.coords(rank)
             rows.append(dict(
                 rank=rank, node=rank // gpus_per_node, local_rank=rank % gpus_per_node,

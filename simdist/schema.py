@@ -12,7 +12,7 @@ OPS = pa.schema([
 COLLECTIVES = pa.schema([
     ("op", pa.string()), ("kind", pa.string()), ("mesh_dim", pa.string()),
     ("group_size", pa.int32()), ("bytes", pa.int64()), ("phase", pa.string()),
-    ("module", pa.string()), ("count", pa.int64()),
+    ("module", pa.string()), ("peer", pa.int32()), ("count", pa.int64()),
 ])
 
 MEMORY = pa.schema([

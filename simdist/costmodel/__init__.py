@@ -6,7 +6,7 @@ A library: it imports nothing else from simdist.
 from simdist.costmodel.collectives import COLLECTIVE_KINDS, collective_time, group_link_bw
 from simdist.costmodel.hardware import PRESETS, GPUSpec, InvalidGPUSpec, UnknownGPU, gpu_spec
 from simdist.costmodel.roofline import KERNEL_LAUNCH_FLOOR_S, op_time, op_times
-from simdist.costmodel.schedule import StepTime, combine, mfu
+from simdist.costmodel.schedule import StepTime, combine, mfu, pipeline_bubble
 
 __all__ = [
     "COLLECTIVE_KINDS",
@@ -23,4 +23,5 @@ __all__ = [
     "mfu",
     "op_time",
     "op_times",
+    "pipeline_bubble",
 ]

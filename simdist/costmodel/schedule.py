@@ -68,3 +68,24 @@ def mfu(model_flops_per_step: float, world_size: int, step_s: float, peak_flops:
     if world_size < 1 or step_s <= 0 or peak_flops <= 0:
         raise ValueError(f"need world_size >= 1, step_s > 0, peak_flops > 0; got {world_size}, {step_s}, {peak_flops}")
     return model_flops_per_step / (world_size * step_s * peak_flops)
+
+
+def pipeline_bubble(stage_compute_s: float, pp: int, virtual_stages: int, n_microbatches: int,
+                    schedule: str) -> float:
+    """Idle time of a pipeline stage per step, from the schedule's published bubble.
+
+    `stage_compute_s` is the stage's forward + backward compute for all micro-batches.
+    GPipe and 1F1B idle (p - 1) micro-batch slots (Narayanan et al. 2021); interleaving over v
+    virtual stages divides the slot by v; zero-bubble (Qi et al. 2023, ZB-H1) keeps about a third
+    of the interleaved bubble, with forward, input-grad and weight-grad passes of equal cost.
+    """
+    if pp <= 1 or n_microbatches <= 0:
+        return 0.0
+    slot = stage_compute_s / n_microbatches
+    if schedule in ("gpipe", "1f1b"):
+        return (pp - 1) * slot
+    if schedule == "interleaved_1f1b":
+        return (pp - 1) * slot / virtual_stages
+    if schedule == "zero_bubble":
+        return (pp - 1) * slot / virtual_stages / 3
+    raise ValueError(f"unknown pipeline schedule {schedule!r}")

@@ -66,7 +66,7 @@ class CollectiveRow:
 class CollectiveRecorder(TorchDispatchMode):
     ctx: StepContext
     group_dims: dict[str, str] = field(default_factory=dict)  # group_name -> mesh dim name
-    rows: dict[tuple[str, str, str, int, int, str, str], CollectiveRow] = field(default_factory=dict)
+    rows: dict[tuple[str, str, str, int, int, str, str, int], CollectiveRow] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -85,7 +85,10 @@ class CollectiveRecorder(TorchDispatchMode):
         size = pg.size() if pg is not None else 1
         dim = self.group_dims.get(pg.group_name, "world") if pg is not None else "world"
         nbytes = max([_tensor_bytes(a) for a in args] + [_tensor_bytes(out)])
-        key = (name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module())
+        # Point-to-point: the peer's rank within the group (c10d.send/recv_ take it as the only
+        # int argument); -1 for collectives.
+        peer = next((a for a in args if type(a) is int), -1) if kind in ("send", "recv") else -1
+        key = (name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(), peer)
         row = self.rows.setdefault(key, CollectiveRow())
         row.count += self.ctx.weight
         return out

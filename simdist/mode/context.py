@@ -17,11 +17,14 @@ PHASES = ("init", "fwd", "bwd", "optim")
 class StepContext:
     """Mutable cursor read by every recorder on every op."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_modules: bool = True) -> None:
         self.phase = "init"
         # How many identical micro-batches the op being executed stands for (see step.py).
         self.weight = 1
-        self.mod_tracker = ModTracker()
+        # ModTracker hooks module inputs with multi-grad hooks, which autograd.grad(inputs=...)
+        # rejects for leaf inputs (zero-bubble pipelines split backward that way): such runs
+        # attribute ops to no module.
+        self.mod_tracker = ModTracker() if track_modules else contextlib.nullcontext()
         self._excluded = threading.local()
 
     @contextlib.contextmanager
@@ -35,7 +38,7 @@ class StepContext:
 
     def module(self) -> str:
         """Innermost module FQN that is running (forward or backward)."""
-        parents = self.mod_tracker.parents
+        parents = getattr(self.mod_tracker, "parents", None)
         if not parents:
             return ""
         best = max(parents, key=lambda name: (name.count("."), len(name)))

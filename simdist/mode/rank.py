@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from simdist.config import torch_dtype
@@ -13,7 +14,9 @@ from simdist.mode.context import StepContext
 from simdist.mode.session import rank_session
 from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
+from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
+from simdist.parallel.pipeline import prune_to_stage, rank_stage_ids, split_layers, stages_per_rank
 
 
 def _cache_counts() -> dict[str, int]:
@@ -25,13 +28,17 @@ def _cache_counts() -> dict[str, int]:
 def simulate_rank(task: RankTask) -> RankTrace:
     t0 = time.perf_counter()
     cache0 = _cache_counts()
-    ctx = StepContext()
+    ctx = StepContext(track_modules=not (task.layout.degree("pp") > 1
+                                         and task.pp_schedule == "zero_bubble"))
     with rank_session(task.rank, task.layout.world_size, ctx):
         mesh = build_device_mesh(task.layout)
         plan = ParallelPlan(task.layout, torch_dtype(task.dtype), task.activation_checkpointing,
                             task.sequence_parallel)
-        model = build_model(task.model, "meta")
-        parallelize(task.model.family, model, mesh, plan)
+        pp = task.layout.degree("pp")
+        parts = _build_parts(task, pp, task.layout.coords(task.rank)["pp"])
+        for _, part in parts:
+            parallelize(task.model.family, part, mesh, plan)
+        model = nn.ModuleList([part for _, part in parts])
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_mode:
             model.to_empty(device="cpu")
@@ -39,18 +46,38 @@ def simulate_rank(task: RankTask) -> RankTrace:
         with fake_mode, ctx.exclude():
             optimizer = make_optimizer(model, task.optimizer)
             init_optimizer_state(model, optimizer)
-        fields = run_step(
-            model, optimizer, fake_mode, ctx,
-            group_dims=mesh_group_dims(mesh),
-            vocab_size=_vocab(task), batch=task.micro_batch, seq_len=task.seq_len,
-            num_microbatches=task.num_microbatches, all_microbatches=task.all_microbatches,
-            loss_parallel=plan.loss_parallel,
-        )
+        common = dict(group_dims=mesh_group_dims(mesh), vocab_size=_vocab(task),
+                      batch=task.micro_batch, seq_len=task.seq_len,
+                      num_microbatches=task.num_microbatches)
+        if pp > 1:
+            fields = run_pipeline_step(
+                parts, optimizer, fake_mode, ctx, pp_group=mesh["pp"].get_group(),
+                num_stages=pp * stages_per_rank(task.pp_schedule, task.pp_virtual_stages),
+                schedule_name=task.pp_schedule, dtype=plan.param_dtype,
+                seq_shards=task.layout.degree("tp") if task.sequence_parallel else 1, **common)
+        else:
+            fields = run_step(parts[0][1], optimizer, fake_mode, ctx,
+                              all_microbatches=task.all_microbatches,
+                              loss_parallel=plan.loss_parallel, **common)
     cache1 = _cache_counts()
     fields["wall_s"] = time.perf_counter() - t0
     fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
     fake_cache["size"] = cache1["size"]
     return RankTrace(rank=task.rank, fake_cache=fake_cache, **fields)
+
+
+def _build_parts(task: RankTask, pp: int, pp_rank: int) -> list[tuple[int, nn.Module]]:
+    """This rank's model parts on meta: the whole model, or its pipeline stages."""
+    if pp == 1:
+        return [(0, build_model(task.model, "meta"))]
+    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages)
+    num_stages = pp * per_rank
+    layers = split_layers(task.model.n_layers, num_stages, task.pp_layers)
+    parts = []
+    for sid in rank_stage_ids(pp_rank, pp, per_rank):
+        model = build_model(task.model, "meta")
+        parts.append((sid, prune_to_stage(model, layers[sid], sid == 0, sid == num_stages - 1)))
+    return parts
 
 
 def _vocab(task: RankTask) -> int:

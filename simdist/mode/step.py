@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 import torch
@@ -76,43 +77,27 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
         yield colls, ops, mem
 
 
-def run_step(
-    model: nn.Module,
+def record_step(
+    resident: list[torch.Tensor],
     optimizer: torch.optim.Optimizer,
     fake_mode: FakeTensorMode,
     ctx: StepContext,
-    *,
     group_dims: dict[str, str],
-    vocab_size: int,
-    batch: int,
-    seq_len: int,
-    num_microbatches: int,
-    all_microbatches: bool,
-    loss_parallel: bool = False,
+    run_microbatches: Callable[[MemoryTracker], int],
 ) -> dict:
-    """Execute and record one step; returns the trace fields (see RankTrace)."""
+    """Record one step: `run_microbatches` runs every forward and backward of the step (and
+    returns how many micro-batches it executed); then the optimizer step. Returns the trace
+    fields (see RankTrace)."""
     t0 = time.perf_counter()
-    params = list(model.parameters())
-    executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
-    weights = [1] * executed
-    if executed < num_microbatches:
-        weights[-1] = num_microbatches - 1
+    # The parameters the optimizer updates (FSDP's sharded ones): a module's `parameters()` may
+    # list unsharded views while FSDP holds them gathered.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     with fake_mode, recording(ctx, group_dims) as (colls, ops, mem):
         mem.track_existing(params, "param")
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
+        mem.track_existing(resident, "buffer")
         mem.reset_peak()
-        for weight in weights:
-            # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
-            # shards, as torchtitan does with `loss_parallel`.
-            lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()
-            with lp:
-                with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
-                    tokens = torch.randint(0, vocab_size, (batch, seq_len))
-                    labels = torch.randint(0, vocab_size, (batch, seq_len))
-                    loss = loss_fn(model, model(tokens), labels)
-                with ctx.in_phase("bwd", weight):
-                    loss.backward()
-            del loss, tokens, labels
+        executed = run_microbatches(mem)
         with ctx.in_phase("optim"):
             param_bytes = _storage_bytes(params)
             grads = [p.grad for p in params if p.grad is not None]
@@ -127,7 +112,8 @@ def run_step(
     op_rows = [dict(op=k[0], phase=k[1], module=k[2], shapes=k[3], count=r.count,
                     flops=r.flops, bytes=r.bytes) for k, r in ops.rows.items()]
     coll_rows = [dict(op=k[0], kind=k[1], mesh_dim=k[2], group_size=k[3], bytes=k[4],
-                      phase=k[5], module=k[6], count=r.count) for k, r in colls.rows.items()]
+                      phase=k[5], module=k[6], peer=k[7], count=r.count)
+                 for k, r in colls.rows.items()]
     mem_rows = [dict(seq=e.seq, phase=e.phase, module=e.module, op=e.op, delta=e.delta,
                      live=e.live) for e in mem.events]
     ev = mem.peak_event
@@ -143,3 +129,41 @@ def run_step(
         memory=schema.table(schema.MEMORY, mem_rows),
         executed_microbatches=executed, wall_s=time.perf_counter() - t0,
     )
+
+
+def run_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fake_mode: FakeTensorMode,
+    ctx: StepContext,
+    *,
+    group_dims: dict[str, str],
+    vocab_size: int,
+    batch: int,
+    seq_len: int,
+    num_microbatches: int,
+    all_microbatches: bool,
+    loss_parallel: bool = False,
+) -> dict:
+    """One step without pipelining: a plain gradient-accumulation loop."""
+    executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
+    weights = [1] * executed
+    if executed < num_microbatches:
+        weights[-1] = num_microbatches - 1
+
+    def microbatches(mem: MemoryTracker) -> int:
+        for weight in weights:
+            # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
+            # shards, as torchtitan does with `loss_parallel`.
+            lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()
+            with lp:
+                with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
+                    tokens = torch.randint(0, vocab_size, (batch, seq_len))
+                    labels = torch.randint(0, vocab_size, (batch, seq_len))
+                    loss = loss_fn(model, model(tokens), labels)
+                with ctx.in_phase("bwd", weight):
+                    loss.backward()
+            del loss, tokens, labels
+        return executed
+
+    return record_step(list(model.buffers()), optimizer, fake_mode, ctx, group_dims, microbatches)

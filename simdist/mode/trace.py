@@ -23,6 +23,9 @@ class RankTask:
     optimizer: str = "adamw"
     activation_checkpointing: str = "none"
     sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 2
+    pp_layers: tuple[int, ...] | None = None
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
 

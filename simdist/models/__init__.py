@@ -13,6 +13,7 @@ from torch import nn
 
 from simdist.models.gpt import GPT, GPTArgs
 from simdist.models.llama3 import Llama3, Llama3Args
+from simdist.models.moe import MoEArgs, MoETransformer
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama3": Family("llama3", Llama3Args, Llama3),
     "gpt": Family("gpt", GPTArgs, GPT),
+    "moe": Family("moe", MoEArgs, MoETransformer),
 }
 
 # Published shapes. Llama 3: Meta's model cards / torchtitan flavors. GPT: Narayanan et al. 2021
@@ -45,6 +47,18 @@ FLAVORS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt-39b": ("gpt", dict(dim=8192, n_layers=48, n_heads=64, vocab_size=51200)),
     "gpt-146b": ("gpt", dict(dim=12288, n_layers=80, n_heads=96, vocab_size=51200)),
     "gpt-530b": ("gpt", dict(dim=20480, n_layers=105, n_heads=128, vocab_size=51200)),
+    # MoE. Mixtral 8x7B: Mistral's config.json (46.7B total). DeepSeek-MoE 16B: Dai et al. 2024
+    # and its config.json (64 fine-grained experts of 1408 + 2 shared, layer 0 dense; 16.4B).
+    "moe-debug": ("moe", dict(dim=256, n_layers=4, n_heads=16, n_kv_heads=4, vocab_size=2048,
+                              ffn_dim=768, moe_ffn_dim=256, n_experts=8, top_k=2,
+                              n_shared_experts=1, n_dense_layers=1)),
+    "mixtral-8x7b": ("moe", dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                                 vocab_size=32000, ffn_dim=14336, moe_ffn_dim=14336, n_experts=8,
+                                 top_k=2, route_norm=True, rope_theta=1e6)),
+    "deepseek-moe-16b": ("moe", dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=16,
+                                     vocab_size=102400, ffn_dim=10944, moe_ffn_dim=1408,
+                                     n_experts=64, top_k=6, n_shared_experts=2, n_dense_layers=1,
+                                     norm_eps=1e-6, rope_theta=10000.0)),
 }
 
 
@@ -89,7 +103,9 @@ def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
         fields[key] = value
     if family == "gpt":
         fields.setdefault("attention", attention)
-        fields["max_seq_len"] = max(fields.get("max_seq_len", 0), seq_len)
+    if "max_seq_len" in allowed and "max_seq_len" not in overrides:
+        # Positions (GPT's learned table, Llama's RoPE cache) sized to the training sequence.
+        fields["max_seq_len"] = seq_len
     try:
         args = FAMILIES[family].args_cls(**fields)
     except TypeError as e:  # pragma: no cover - guarded by the field check above

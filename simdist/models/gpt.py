@@ -124,9 +124,10 @@ class GPT(nn.Module):
             h = dropout(h, self.args.dropout, self.training).transpose(0, 1)  # [s, b, h]
         else:
             h = tokens
+            s = h.shape[0]
         # The causal mask is built once per step and shared by every layer (Megatron's fused
-        # masked softmax keeps none; one shared mask is the closest plain PyTorch gets).
-        s = h.shape[0]
+        # masked softmax keeps none; one shared mask is the closest plain PyTorch gets). Its size
+        # is the tokens' sequence length: h may hold only a slice of the sequence.
         causal = torch.ones(s, s, dtype=torch.bool, device=h.device).triu_(1)
         for layer in self.layers.values():
             h = layer(h, causal)

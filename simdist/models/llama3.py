@@ -135,9 +135,9 @@ class Llama3(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Pipeline stages drop modules by setting them to None, as torchtitan does.
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # From the token ids: under sequence parallelism `h` holds a slice of the sequence.
-        seq_len = tokens.shape[1]
-        cos, sin = rope_cos_sin(self.args.head_dim, seq_len, self.args.rope_theta)
+        # Sized by max_seq_len (set to the training sequence length, as torchtitan does), not by
+        # `h`: under sequence parallelism `h` holds a slice of the sequence; attention slices.
+        cos, sin = rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
         # One cast per step, shared by every layer (saved once, not once per layer).
         cos, sin = cos.to(device=h.device, dtype=h.dtype), sin.to(device=h.device, dtype=h.dtype)
         for layer in self.layers.values():

@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from simdist.parallel.checkpointing import apply_ac
 from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
-from simdist.parallel.tensor_parallel import apply_tp_llama3
+from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class ParallelPlan:
     @property
     def loss_parallel(self) -> bool:
         # The output head stays vocab-sharded and the loss runs under `loss_parallel`.
-        return self.layout.degree("tp") > 1
+        # (Not with pipelining: stage outputs cross ranks as plain tensors.)
+        return self.layout.degree("tp") > 1 and self.layout.degree("pp") == 1
 
 
 def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
@@ -44,10 +45,12 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
     if shard == 1 and rep > 1:
         apply_ddp(model, mesh["dp_replicate"], plan.param_dtype)
     elif rep > 1:
-        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], plan.param_dtype)
+        apply_fsdp(model, mesh["dp_replicate", "dp_shard"], plan.param_dtype,
+                   reshard_after_forward=plan.layout.degree("pp") == 1)
     else:
         # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
-        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype)
+        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype,
+                   reshard_after_forward=plan.layout.degree("pp") == 1)
 
 
 def parallelize_llama3(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
@@ -58,6 +61,8 @@ def parallelize_llama3(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -
 
 
 def parallelize_gpt(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    if plan.layout.degree("tp") > 1:
+        apply_tp_gpt(model, mesh["tp"], plan.sequence_parallel, plan.loss_parallel)
     apply_ac(model, plan.activation_checkpointing)
     apply_data_parallel(model, mesh, plan)
 

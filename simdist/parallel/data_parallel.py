@@ -15,15 +15,19 @@ def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
+               reshard_after_forward: bool = True) -> None:
     """One FSDP unit per transformer block, the rest (embeddings, norm, head) in the root unit.
-    `dp_mesh` is 1-D (FSDP) or 2-D (dp_replicate, dp_shard) for HSDP."""
+    `dp_mesh` is 1-D (FSDP) or 2-D (dp_replicate, dp_shard) for HSDP. With pipelining,
+    torchtitan keeps blocks unsharded between forward and backward (every micro-batch would
+    re-gather them otherwise): `reshard_after_forward=False`."""
     mp = mixed_precision(param_dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them, as
         # torchtitan does.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 

@@ -1,6 +1,7 @@
 """Tensor + sequence parallelism through DTensor (`parallelize_module`), with torchtitan's llama3
 plan: colwise wq/wk/wv and w1/w3, rowwise wo and w2, sequence-parallel norms, a rowwise embedding
-and a colwise output head kept sharded on the vocabulary for `loss_parallel`."""
+and a colwise output head kept sharded on the vocabulary for `loss_parallel`; and Megatron's plan
+for GPT in its [seq, batch, hidden] layout (`apply_tp_gpt`)."""
 
 from __future__ import annotations
 
@@ -63,4 +64,67 @@ def apply_tp_llama3(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bo
         parallelize_module(block, tp_mesh, plan)
 
 
-__all__ = ["apply_tp_llama3", "torch"]
+def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
+                 loss_parallel: bool = True) -> None:
+    """Megatron's tensor (+ sequence) parallel GPT (Shoeybi et al. 2019, Korthikanti et al. 2022).
+
+    Blocks run in [seq, batch, hidden]: the sequence shard is dim 0 there, dim 1 in the embedding
+    output ([batch, seq, hidden], before the model's transpose). The residual stream stays a local
+    tensor between modules (as in the llama3 plan): with sequence parallelism it is the rank's
+    [s/t, b, h] slice, so the dropouts after proj/fc2 and the residual adds run on sequence shards.
+    - qkv colwise: the fused output is laid out per head as (heads, 3, head_dim), so a dim-0 shard
+      of the weight holds whole heads and the attention core runs on heads/t heads unchanged;
+    - proj, fc2 rowwise (all-reduce, or reduce-scatter to the sequence shard with SP);
+    - ln_1, ln_2, norm: SequenceParallel on dim 0 with SP (replicated weights, their gradients
+      all-reduced); attn and mlp gather their input to Replicate first;
+    - tok_embeddings rowwise (vocab-sharded), output reduce-scattered to the sequence shard with
+      SP; pos_embeddings: a replicated table; with SP the positions are split like the sequence
+      (a local slice of `arange`, no communication) and the lookup runs on the rank's slice, as
+      SequenceParallel (its weight gradient is all-reduced). Without SP it stays a plain module;
+    - output colwise, logits kept vocab-sharded for `loss_parallel`.
+    Tied embeddings: the rowwise embedding and the colwise head both shard the same [V, h] weight
+    on dim 0 (vocab), but `parallelize_module` swaps each module's parameter for its own new
+    DTensor parameter, which unties them; they are re-tied to one DTensor parameter afterwards.
+    """
+    seq = Shard(0) if sequence_parallel else Replicate()
+    emb_seq = Shard(1) if sequence_parallel else Replicate()
+    norm_style = SequenceParallel(sequence_dim=0) if sequence_parallel else None
+    # A pipeline stage may hold neither embeddings nor head.
+    tok, pos, head = (getattr(model, n, None) for n in ("tok_embeddings", "pos_embeddings", "output"))
+    tied = tok is not None and head is not None and head.weight is tok.weight
+    top: dict[str, object] = {}
+    if tok is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=emb_seq)
+    if head is not None:
+        top["output"] = ColwiseParallel(input_layouts=seq,
+                                        output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                        use_local_output=not loss_parallel)
+        if norm_style is not None and getattr(model, "norm", None) is not None:
+            top["norm"] = norm_style
+    parallelize_module(model, tp_mesh, top)
+    if tied:
+        assert head.weight.placements == tok.weight.placements  # both Shard(0): vocab rows
+        head.weight = tok.weight
+    if sequence_parallel and pos is not None:
+        # positions (replicated arange) -> this rank's slice; then a replicated-weight lookup on
+        # sequence shards, output back to a local [s/t, h] slice.
+        parallelize_module(pos, tp_mesh, PrepareModuleInput(input_layouts=Replicate(),
+                                                            desired_input_layouts=Shard(0)))
+        parallelize_module(pos, tp_mesh, SequenceParallel(sequence_dim=0, use_local_output=True))
+    for block in model.layers.values():
+        plan: dict[str, object] = {
+            "attn": PrepareModuleInput(input_layouts=(seq, None),
+                                       desired_input_layouts=(Replicate(), None)),
+            "attn.qkv": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(output_layouts=seq),
+            "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc2": RowwiseParallel(output_layouts=seq),
+        }
+        if norm_style is not None:
+            plan["ln_1"] = norm_style
+            plan["ln_2"] = norm_style
+        parallelize_module(block, tp_mesh, plan)
+
+
+__all__ = ["apply_tp_gpt", "apply_tp_llama3", "torch"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from simdist.config import ConfigError, SimdistConfig
 from simdist.models import ModelSpec
 
-SUPPORTED_NOW = {"pp": 1, "cp": 1, "ep": 1}
-TP_FAMILIES = ("llama3",)
+SUPPORTED_NOW = {"cp": 1, "ep": 1}
+TP_FAMILIES = ("llama3", "gpt")
 
 
 def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
@@ -16,7 +16,7 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         if getattr(par, key) != allowed:
             raise ConfigError(f"parallel.{key}", f"{key}={getattr(par, key)} is not supported yet; "
                                                  f"allowed: {allowed} (data parallelism: dp_shard, "
-                                                 "dp_replicate; tensor parallelism: tp)")
+                                                 "dp_replicate; tensor parallelism: tp; pipelining: pp)")
     tp = par.tp
     if tp > 1 and spec.family not in TP_FAMILIES:
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
@@ -25,6 +25,8 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     if cfg.parallel.zero_stage != 3:
         raise ConfigError("parallel.zero_stage", "only zero_stage 3 (FSDP2) is supported yet; allowed: 3")
     args = spec.args
+    if par.pp > 1:
+        _check_pipeline(cfg, spec)
     if args is None:
         return
     heads = getattr(args, "n_heads", None)
@@ -39,6 +41,12 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
             value = getattr(args, field, None)
             if value and value % tp:
                 raise ConfigError("parallel.tp", f"tp={tp} must divide model.{field}={value}")
+        # GPT: the fused qkv is sharded by whole heads (n_heads above); fc1/fc2 by the MLP width,
+        # which is 4 * dim when ffn_dim is 0.
+        ffn = getattr(args, "hidden_ffn", None)
+        if ffn and ffn % tp:
+            raise ConfigError("parallel.tp", f"tp={tp} must divide the MLP width {ffn} "
+                                             "(model.ffn_dim, or 4 * model.dim when it is 0)")
         if par.sequence_parallel and cfg.training.seq_len % tp:
             raise ConfigError("parallel.tp", f"with sequence_parallel, tp={tp} must divide "
                                              f"training.seq_len={cfg.training.seq_len}")
@@ -46,3 +54,29 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     if max_seq and cfg.training.seq_len > max_seq:
         raise ConfigError("training.seq_len", f"{cfg.training.seq_len} exceeds the model's "
                                               f"max_seq_len {max_seq}")
+
+
+def _check_pipeline(cfg: SimdistConfig, spec: ModelSpec) -> None:
+    from simdist.parallel.pipeline import stages_per_rank
+
+    par = cfg.parallel
+    if spec.n_layers is None:
+        raise ConfigError("parallel.pp", "pipelining needs a model with `layers` (a preset family)")
+    stages = par.pp * stages_per_rank(par.pp_schedule, par.pp_virtual_stages)
+    if par.pp_layers is not None:
+        if sum(par.pp_layers) != spec.n_layers:
+            raise ConfigError("parallel.pp_layers", f"sums to {sum(par.pp_layers)}, but the model "
+                                                    f"has {spec.n_layers} layers")
+    elif spec.n_layers < stages:
+        raise ConfigError("parallel.pp", f"{stages} pipeline stages for {spec.n_layers} layers; "
+                                         "allowed: at most one stage per layer")
+    n_mb = cfg.num_microbatches
+    if n_mb < par.pp:
+        raise ConfigError("training.global_batch",
+                          f"{n_mb} micro-batch(es) per step cannot fill {par.pp} pipeline stages; "
+                          f"allowed: global_batch >= dp ({cfg.dp}) x micro_batch "
+                          f"({cfg.training.micro_batch}) x pp ({par.pp})")
+    if par.pp_schedule in ("interleaved_1f1b", "zero_bubble") and n_mb % par.pp:
+        raise ConfigError("training.global_batch",
+                          f"{par.pp_schedule} needs the micro-batch count ({n_mb}) to be a multiple "
+                          f"of pp ({par.pp})")

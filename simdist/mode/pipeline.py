@@ -1,0 +1,129 @@
+"""One pipeline-parallel step of one rank: this rank's stages run torch.distributed.pipelining's
+real schedule (its order of micro-batch forwards and backwards), so the activations in flight
+are measured, not assumed.
+
+Two adaptations to fake execution, both about the schedule's first-step handshake:
+- the p2p warm-up vote (`_PipelineSchedule._warmup_p2p`) calls `.item()` on a received tensor,
+  which fake tensors cannot answer; the stage metadata is static here (we pass exact input and
+  output examples), so each stage is put in STATIC inference mode instead of voting.
+- examples after stage 0 and all outputs need `requires_grad=True` for backward to be built."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.stage import InferenceMode
+
+from simdist.mode.context import StepContext
+from simdist.mode.memory import MemoryTracker
+from simdist.mode.step import loss_fn, record_step
+from simdist.parallel.pipeline import SCHEDULES, MULTI_STAGE
+
+
+def _static_warmup(self: Any, stages: list, has_backward: bool, p2p_done: bool) -> None:
+    for stage in stages:
+        stage._inference_mode = InferenceMode.STATIC
+
+
+def _phase_wrapped(ctx: StepContext, fn: Any, phase: str) -> Any:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with ctx.in_phase(phase):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def build_stages(parts: list[tuple[int, nn.Module]], num_stages: int, group: Any,
+                 batch: int, seq_len: int, fake_mode: FakeTensorMode, ctx: StepContext,
+                 dtype: torch.dtype, seq_shards: int = 1) -> list[PipelineStage]:
+    """PipelineStage per (stage_id, module), with example inputs/outputs from a shape run.
+    Under sequence parallelism the activations between stages are the local sequence shards
+    (`seq_shards` = tp)."""
+    stages = []
+    for stage_id, module in parts:
+        with fake_mode, ctx.exclude(), torch.no_grad():
+            if stage_id == 0:
+                example = torch.zeros(batch, seq_len, dtype=torch.long)
+            else:
+                dim = _hidden_dim(module)
+                example = _stage_input(module, batch, seq_len // seq_shards, dim, dtype)
+            out = module(example)
+            out = out.full_tensor() if hasattr(out, "full_tensor") else out
+            out_example = torch.empty_like(out).requires_grad_(True)
+            if stage_id != 0:
+                example = example.detach().requires_grad_(True)
+        # The shape run left FSDP's parameters gathered; a real step starts resharded.
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        stage = PipelineStage(module, stage_id, num_stages, torch.device("cpu"),
+                              input_args=(example,), output_args=(out_example,), group=group)
+        stage.forward_one_chunk = _phase_wrapped(ctx, stage.forward_one_chunk, "fwd")
+        stage.backward_one_chunk = _phase_wrapped(ctx, stage.backward_one_chunk, "bwd")
+        stage.backward_weight_one_chunk = _phase_wrapped(ctx, stage.backward_weight_one_chunk, "bwd")
+        stages.append(stage)
+    return stages
+
+
+def _hidden_dim(module: nn.Module) -> int:
+    return module.args.dim
+
+
+def _stage_input(module: nn.Module, batch: int, seq_len: int, dim: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    # Activations between stages: [b, s, h] (llama3) or Megatron's [s, b, h] (GPT).
+    if getattr(module, "seq_first_output", False):
+        return torch.zeros(seq_len, batch, dim, dtype=dtype)
+    return torch.zeros(batch, seq_len, dim, dtype=dtype)
+
+
+def run_pipeline_step(
+    parts: list[tuple[int, nn.Module]],
+    optimizer: torch.optim.Optimizer,
+    fake_mode: FakeTensorMode,
+    ctx: StepContext,
+    *,
+    group_dims: dict[str, str],
+    pp_group: Any,
+    num_stages: int,
+    schedule_name: str,
+    vocab_size: int,
+    batch: int,
+    seq_len: int,
+    num_microbatches: int,
+    dtype: torch.dtype,
+    seq_shards: int = 1,
+) -> dict:
+    stages = build_stages(parts, num_stages, pp_group, batch, seq_len, fake_mode, ctx, dtype,
+                          seq_shards)
+    model0 = parts[-1][1]
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model0, logits, labels)
+
+    cls = SCHEDULES[schedule_name]
+    schedule = cls(stages if schedule_name in MULTI_STAGE else stages[0], num_microbatches,
+                   loss_fn=loss)
+    schedule._warmup_p2p = functools.partial(_static_warmup, schedule)
+    first = any(sid == 0 for sid, _ in parts)
+    last = any(sid == num_stages - 1 for sid, _ in parts)
+    buffers = [b for _, m in parts for b in m.buffers()]
+
+    def microbatches(mem: MemoryTracker) -> int:
+        with ctx.in_phase("fwd"), mem.saved_tensors_hooks():
+            args = (torch.randint(0, vocab_size, (batch * num_microbatches, seq_len)),) if first else ()
+            kwargs = {}
+            if last:
+                # chunked on dim 0 by the schedule; loss_fn handles GPT's seq-first logits
+                kwargs["target"] = torch.randint(0, vocab_size, (batch * num_microbatches, seq_len))
+            schedule.step(*args, return_outputs=False, **kwargs)
+        return num_microbatches
+
+    return record_step(buffers, optimizer, fake_mode, ctx, group_dims, microbatches)
