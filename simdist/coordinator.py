@@ -119,11 +119,15 @@ class Progress:
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
-                     progress: bool) -> tuple[list[RankTrace], set[str], int]:
+                     progress: bool, cache_start: Any = None,
+                     ) -> tuple[list[RankTrace], set[str], int, Any]:
     from simdist.workers.pool import pool_size, start_workers
 
     n = pool_size(n_workers, len(tasks))
     actors = start_workers(n)
+    # --- shared dispatch cache (simdist/cache): the service starts while the workers do ---
+    run_cache = await cache_start if cache_start is not None else None
+    # --- end shared dispatch cache ---
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(tasks)):
         queue.put_nowait(i)
@@ -134,7 +138,12 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     async def drive(actor: Any) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            trace, node = await asyncio.wait_for(actor.simulate.remote(tasks[i]), timeout_s)
+            if run_cache is None:
+                trace, node = await asyncio.wait_for(actor.simulate.remote(tasks[i]), timeout_s)
+            else:  # shared dispatch cache: warm from the snapshot, hand back new entries
+                trace, node, delta = await asyncio.wait_for(
+                    actor.simulate_cached.remote(tasks[i], run_cache.arg), timeout_s)
+                await run_cache.merge(delta)
             results[i] = trace
             nodes.add(node)
             bar.advance()
@@ -143,12 +152,13 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         await asyncio.gather(*(drive(a) for a in actors))
     finally:
         bar.close()
-    return [r for r in results if r is not None], nodes, len(actors)
+    return [r for r in results if r is not None], nodes, len(actors), run_cache
 
 
 async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
                          workers: int | str | None = None, exhaustive: bool = False,
-                         progress: bool = False) -> ClusterPlan:
+                         progress: bool = False, use_cache: bool = True) -> ClusterPlan:
+    """`use_cache=False` (--no-cache): neither read nor write the shared dispatch cache."""
     t0 = time.perf_counter()
     spec, layout, classes, gpu = prepare(cfg)
     reps = [ranks[0] for ranks in classes]
@@ -159,17 +169,19 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
     with ray_session(address) as ray_address:
         import ray
 
-        traces, nodes, n_actors = await _run_tasks(
-            tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s, progress)
+        # --- shared dispatch cache (simdist/cache) ---
+        from simdist.cache.session import RunCache, disabled_summary
+
+        cache_start = RunCache.start(cfg.simulation.cache_dir, gpu) if use_cache else None
+        traces, nodes, n_actors, run_cache = await _run_tasks(
+            tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s, progress,
+            cache_start)
+        cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
+        # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     if exhaustive:
         classes, traces = _regroup(traces)
     t = cfg.training
-    cache = {"hits": 0, "misses": 0, "bypasses": 0, "size": 0}
-    for tr in traces:
-        for k in ("hits", "misses", "bypasses"):
-            cache[k] += tr.fake_cache.get(k, 0)
-        cache["size"] = max(cache["size"], tr.fake_cache.get("size", 0))
     summary = dict(
         num_params=count_params(build_model(spec, "meta")),
         config=cfg.to_dict(),

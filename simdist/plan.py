@@ -106,7 +106,12 @@ class ClusterPlan:
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
                 os.replace(out, old / out.name)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:  # put the previous run back rather than lose it
+                    os.replace(old / out.name, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)

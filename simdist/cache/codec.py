@@ -25,7 +25,9 @@ never approximated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import math
 import time
@@ -83,8 +85,28 @@ def _int(v: object) -> int:
     return v
 
 
+_ENUM_NAMES: dict[object, str] = {}
+
+
 def _enum_name(v: object) -> str:
-    return str(v).removeprefix("torch.")
+    """"float32" for torch.float32 (dtypes, layouts, memory formats: hashable singletons)."""
+    name = _ENUM_NAMES.get(v)
+    if name is None:
+        name = _ENUM_NAMES[v] = str(v).removeprefix("torch.")
+    return name
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Encoding allocates many small objects; after a simulation the heap is large and the
+    cyclic GC's full passes would cost more than the encoding itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _token(v: object) -> tuple[int, str | None, int | None, float | None]:
@@ -314,14 +336,11 @@ def encode_key(key: ft._DispatchCacheKey) -> dict:
                 args=tokens, inputs=inputs)
 
 
-def key_id(row: dict) -> str:
-    """Stable id of an encoded key: the store's primary key and the cost rows' op key."""
-    canon = (row["op"], row["overload"], row["default_dtype"], row["default_device"],
-             row["inference_mode"], row["is_tracing"],
-             tuple(tuple(tok.values()) if isinstance(tok, dict) else tuple(tok) for tok in row["args"]),
-             tuple(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in m.items())
-                   for m in row["inputs"]))
-    return hashlib.blake2b(repr(canon).encode(), digest_size=16).hexdigest()
+def key_id(key: ft._DispatchCacheKey) -> str:
+    """Stable id of an encodable key: the store's primary key and the cost rows' op key. Every
+    element of an encodable key has a process-independent repr (ops, whitelisted types, dtypes,
+    devices, layouts, plain scalars), so the repr of the key tuple is canonical."""
+    return hashlib.blake2b(repr(key.key).encode(), digest_size=16).hexdigest()
 
 
 def decode_key(row: dict, op: torch._ops.OpOverload | None = None) -> ft._DispatchCacheKey:
@@ -409,7 +428,7 @@ def encode_item(key: ft._DispatchCacheKey, entry: object, now: float | None = No
     row.update(encode_entry(entry))
     if decode_key(row, key.key[0]) != key or decode_entry(row) != entry:
         raise Unencodable("round trip mismatch")
-    row["key_id"] = key_id(row)
+    row["key_id"] = key_id(key)
     now = time.time() if now is None else now
     row["created"] = row["last_used"] = now
     row["uses"] = 0

@@ -121,8 +121,8 @@ class MemoryTracker(TorchDispatchMode):
     def mark_saved(self, t: torch.Tensor) -> None:
         """Called by the saved-tensors hook: autograd keeps `t` until backward."""
         base = t._base if t._base is not None else t
-        if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
-            return  # parameters (also FSDP's unsharded ones) are not activations
+        if isinstance(base, torch.nn.Parameter) or isinstance(t, torch.nn.Parameter):
+            return  # parameters (also FSDP's unsharded and DTensor ones) are not activations
         info = self.storages.get(local_tensor(t).untyped_storage()._cdata)
         if info is None or info.saved or info.category != "other":
             return
@@ -132,7 +132,7 @@ class MemoryTracker(TorchDispatchMode):
     def saved_tensors_hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         def pack(t: torch.Tensor) -> torch.Tensor:
             if not self.ctx.excluded:
-                self.mark_saved(local_tensor(t))
+                self.mark_saved(t)
             return t
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)

@@ -4,6 +4,7 @@ it as fake tensors, run one recorded training step."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -18,6 +19,9 @@ from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
 from simdist.parallel.pipeline import prune_to_stage, rank_stage_ids, split_layers, stages_per_rank
 
+if TYPE_CHECKING:
+    from simdist.cache.warm import RankCache
+
 
 def _cache_counts() -> dict[str, int]:
     info = FakeTensorMode.cache_info()
@@ -25,8 +29,13 @@ def _cache_counts() -> dict[str, int]:
             "size": info.size}
 
 
-def simulate_rank(task: RankTask) -> RankTrace:
+def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
+    """`cache` (simdist.cache.warm.RankCache): the shared dispatch cache of this process."""
     t0 = time.perf_counter()
+    # --- shared dispatch cache (simdist/cache): warm FakeTensorMode's cache from the store ---
+    if cache is not None:
+        cache.before_rank()
+    # --- end shared dispatch cache ---
     cache0 = _cache_counts()
     ctx = StepContext(track_modules=not (task.layout.degree("pp") > 1
                                          and task.pp_schedule == "zero_bubble"))
@@ -60,6 +69,10 @@ def simulate_rank(task: RankTask) -> RankTrace:
                               all_microbatches=task.all_microbatches,
                               loss_parallel=plan.loss_parallel, **common)
     cache1 = _cache_counts()
+    # --- shared dispatch cache (simdist/cache): collect this rank's new entries (cache.last_delta)
+    if cache is not None:
+        cache.after_rank()
+    # --- end shared dispatch cache ---
     fields["wall_s"] = time.perf_counter() - t0
     fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
     fake_cache["size"] = cache1["size"]

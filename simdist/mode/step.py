@@ -71,7 +71,7 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     def checkpoint_inputs(args: tuple) -> None:
         for t in tree_iter(args):
             if isinstance(t, torch.Tensor):
-                mem.mark_saved(local_tensor(t))
+                mem.mark_saved(t)
 
     with ctx.mod_tracker, colls, ops, mem, observe_checkpoint_inputs(checkpoint_inputs):
         yield colls, ops, mem

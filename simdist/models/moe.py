@@ -11,8 +11,9 @@ how many copies each expert gets cannot come from fake data. It comes from the l
 string (see simdist/models/routing.py), set from `MoEArgs.routing` by the builder and changeable
 with `set_routing`. The layer turns it into a Python list of per-expert counts and hands it to
 `experts(routed_input, counts)`; the experts split their input by those counts. Nothing here
-knows about parallelism: expert parallelism (simdist/parallel/expert_parallel.py) hooks the
-`experts` module and rewrites its input and counts, as torchtitan's ExpertParallel style does.
+knows about parallelism: expert parallelism (simdist/parallel/expert_parallel.py) wraps the
+`experts` module's forward and rewrites its input and counts, as torchtitan's ExpertParallel
+style does with its input/output hooks.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class MoEArgs:
 if torch.ops.aten._grouped_mm not in flop_registry:  # pragma: no branch
 
     @register_flop_formula(torch.ops.aten._grouped_mm)
-    def _grouped_mm_flop(a_shape, b_shape, offs_shape=None, bias_shape=None, out_dtype=None, *,  # noqa: ANN001, ANN202
-                         out_shape=None, **kwargs):
+    def _grouped_mm_flop(a_shape, b_shape, offs_shape=None, bias_shape=None,  # noqa: ANN001, ANN202
+                         out_dtype=None, *, out_shape=None, **kwargs):
         if len(a_shape) == 2 and len(b_shape) == 2:  # jagged K (weight gradients): [G, M, N] out
             return 2 * a_shape[0] * a_shape[1] * b_shape[1]
         numel = 1
@@ -123,7 +124,8 @@ class GroupedExperts(nn.Module):
 
 
 class TokenChoiceTopKRouter(nn.Module):
-    def __init__(self, dim: int, n_experts: int, top_k: int, score_func: str, route_norm: bool) -> None:
+    def __init__(self, dim: int, n_experts: int, top_k: int, score_func: str,
+                 route_norm: bool) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.top_k = top_k
@@ -133,7 +135,10 @@ class TokenChoiceTopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, dim] -> top-k scores (fp32) and expert indices, both [T, top_k]."""
         logits = self.gate(x).float()
-        scores = F.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
+        if self.score_func == "softmax":
+            scores = F.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
         top_scores, selected = torch.topk(scores, k=self.top_k, dim=-1)
         if self.route_norm:
             top_scores = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20)
@@ -157,7 +162,8 @@ class MoE(nn.Module):
                                if args.n_shared_experts > 0 else None)
 
     def expert_counts(self, n_tokens: int) -> list[int]:
-        return expert_token_counts(self.routing, n_tokens, self.n_experts, self.top_k, self.layer_id)
+        return expert_token_counts(self.routing, n_tokens, self.n_experts, self.top_k,
+                                   self.layer_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, dim = x.shape

@@ -39,7 +39,8 @@ def expert_token_counts(routing: str, n_tokens: int, n_experts: int, top_k: int,
 @functools.lru_cache(maxsize=4096)
 def _counts(routing: str, n_tokens: int, n_experts: int, top_k: int, layer: int) -> tuple[int, ...]:
     if n_experts < 1 or not 1 <= top_k <= n_experts:
-        raise RoutingError(f"need 1 <= top_k <= n_experts, got top_k={top_k}, n_experts={n_experts}")
+        raise RoutingError(f"need 1 <= top_k <= n_experts, got top_k={top_k}, "
+                           f"n_experts={n_experts}")
     if n_tokens < 0:
         raise RoutingError(f"n_tokens must be >= 0, got {n_tokens}")
     total = n_tokens * top_k

@@ -30,7 +30,7 @@ that hold the same experts (torchtitan's `dp_mod_ep` FSDP mesh); expert tensor p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,17 +42,22 @@ from torch.distributed.device_mesh import DeviceMesh
 from simdist.models.moe import MoE, moe_layers, set_routing
 from simdist.models.routing import ep_split_sizes, expert_token_counts
 
+# What combine needs from dispatch: the dispatch's input and output split sizes, and the
+# permutation that grouped the received rows by local expert (None when there was none).
+_CombineState = tuple[list[int], list[int], "torch.Tensor | None"]
+
 
 @dataclass
 class ExpertParallel:
-    """The EP hooks of one MoE layer's `experts` module."""
+    """Expert parallelism of one MoE layer's `experts` module (torchtitan's ExpertParallel
+    style: the layer calls `experts(routed_input, counts)` with all its token copies sorted by
+    global expert; dispatch/combine wrap the experts' own computation)."""
 
     group: dist.ProcessGroup
     ep: int
     ep_rank: int
     n_experts: int  # global
     exchange_counts: bool = True
-    _state: list[tuple[list[int], list[int], torch.Tensor | None]] = field(default_factory=list)
 
     @property
     def local_experts(self) -> int:
@@ -63,8 +68,10 @@ class ExpertParallel:
         lo = self.ep_rank * self.local_experts
         return lo, lo + self.local_experts
 
-    def dispatch(self, module: nn.Module, args: tuple) -> tuple:
-        routed_input, counts = args
+    def dispatch(self, routed_input: torch.Tensor, counts: list[int]
+                 ) -> tuple[torch.Tensor, list[int], _CombineState]:
+        """Global expert-sorted copies -> this rank's received copies grouped by local expert,
+        their per-expert counts, and what `combine` needs."""
         if len(counts) != self.n_experts:
             raise ValueError(f"EP expects {self.n_experts} global expert counts, got {len(counts)}")
         lo, hi = self.expert_range
@@ -86,16 +93,26 @@ class ExpertParallel:
                 start += c
             perm = torch.cat(blocks)
             received = received[perm]
-        self._state.append((input_splits, output_splits, perm))
-        return received, [self.ep * c for c in local]
+        return received, [self.ep * c for c in local], (input_splits, output_splits, perm)
 
-    def combine(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        input_splits, output_splits, perm = self._state.pop()
+    def combine(self, output: torch.Tensor, state: _CombineState) -> torch.Tensor:
+        input_splits, output_splits, perm = state
         if perm is not None:
             unpermuted = output.new_empty(output.shape)
             unpermuted[perm] = output
             output = unpermuted
         return funcol.all_to_all_single_autograd(output, input_splits, output_splits, self.group)
+
+    def wrap(self, experts: nn.Module) -> None:
+        """Run dispatch and combine inside `experts`' own call (an instance `forward`), so that
+        both all-to-alls are attributed to the experts module."""
+        inner = experts.forward
+
+        def forward(routed_input: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            received, local_counts, state = self.dispatch(routed_input, counts)
+            return self.combine(inner(received, local_counts), state)
+
+        experts.forward = forward
 
 
 def _group_of(ep: DeviceMesh | dist.ProcessGroup) -> dist.ProcessGroup:
@@ -134,8 +151,7 @@ def apply_ep(model: nn.Module, ep: DeviceMesh | dist.ProcessGroup, ep_rank: int 
         for name in ("w1", "w2", "w3"):
             setattr(experts, name, _shard_param(getattr(experts, name), lo, hi))
         experts.n_experts = hi - lo
-        experts.register_forward_pre_hook(style.dispatch)
-        experts.register_forward_hook(style.combine)
+        style.wrap(experts)
         moe.expert_parallel = style  # for inspection; the layer's forward does not read it
         styles.append(style)
     return styles

@@ -41,12 +41,8 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
             value = getattr(args, field, None)
             if value and value % tp:
                 raise ConfigError("parallel.tp", f"tp={tp} must divide model.{field}={value}")
-        # GPT: the fused qkv is sharded by whole heads (n_heads above); fc1/fc2 by the MLP width,
-        # which is 4 * dim when ffn_dim is 0.
-        ffn = getattr(args, "hidden_ffn", None)
-        if ffn and ffn % tp:
-            raise ConfigError("parallel.tp", f"tp={tp} must divide the MLP width {ffn} "
-                                             "(model.ffn_dim, or 4 * model.dim when it is 0)")
+        # GPT: the fused qkv is sharded by whole heads (n_heads above); its MLP width is ffn_dim,
+        # or 4 * dim = 4 * n_heads * head_dim when ffn_dim is 0, which n_heads % tp covers.
         if par.sequence_parallel and cfg.training.seq_len % tp:
             raise ConfigError("parallel.tp", f"with sequence_parallel, tp={tp} must divide "
                                              f"training.seq_len={cfg.training.seq_len}")

@@ -16,6 +16,7 @@ class RankWorker:
         import simdist.mode.rank  # noqa: F401
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self._cache = None  # simdist.cache.warm.RankCache, created by the first simulate_cached
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -24,3 +25,20 @@ class RankWorker:
         from simdist.mode.rank import simulate_rank
 
         return simulate_rank(task), self.node_id()
+
+    # --- shared dispatch cache (simdist/cache) ---
+    def simulate_cached(self, task: RankTask, cache_arg) -> tuple[RankTrace, str, object]:  # noqa: ANN001
+        """`simulate` with FakeTensorMode's cache warmed from the store's snapshot (fetched once
+        per snapshot per actor); also returns the rank's CacheDelta for the CacheService."""
+        from simdist.cache.warm import RankCache
+        from simdist.mode.rank import simulate_rank
+
+        if self._cache is None:
+            self._cache = RankCache()
+        snapshot = None
+        if cache_arg.snapshot_id != self._cache.snapshot_id:
+            snapshot = ray.get(cache_arg.snapshot[0])
+        self._cache.offer(snapshot, cache_arg.snapshot_id, cache_arg.hardware)
+        trace = simulate_rank(task, cache=self._cache)
+        return trace, self.node_id(), self._cache.last_delta
+    # --- end shared dispatch cache ---
