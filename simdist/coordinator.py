@@ -73,7 +73,8 @@ def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) ->
                     sequence_parallel=cfg.parallel.sequence_parallel,
                     pp_schedule=cfg.parallel.pp_schedule,
                     pp_virtual_stages=cfg.parallel.pp_virtual_stages,
-                    pp_layers=tuple(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None)
+                    pp_layers=tuple(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None,
+                    zero_stage=cfg.parallel.zero_stage)
 
 
 @contextmanager

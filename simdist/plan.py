@@ -98,6 +98,11 @@ class ClusterPlan:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
+            # mkdtemp makes the directory private (0700); a run directory gets the permissions
+            # of an ordinary mkdir, so that others sharing the filesystem can read the results.
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)
             (tmp / "plan.json").write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
             pq.write_table(self.ranks, tmp / "ranks.parquet")
             pq.write_table(self.ops, tmp / "ops.parquet")

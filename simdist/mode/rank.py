@@ -17,6 +17,7 @@ from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
 from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
+from simdist.parallel.zero import ZeroOptimizer
 from simdist.parallel.pipeline import prune_to_stage, rank_stage_ids, split_layers, stages_per_rank
 
 if TYPE_CHECKING:
@@ -42,18 +43,24 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     with rank_session(task.rank, task.layout.world_size, ctx):
         mesh = build_device_mesh(task.layout)
         plan = ParallelPlan(task.layout, torch_dtype(task.dtype), task.activation_checkpointing,
-                            task.sequence_parallel)
+                            task.sequence_parallel, task.zero_stage)
         pp = task.layout.degree("pp")
         parts = _build_parts(task, pp, task.layout.coords(task.rank)["pp"])
         for _, part in parts:
             parallelize(task.model.family, part, mesh, plan)
         model = nn.ModuleList([part for _, part in parts])
+        tied = _tied_parameters(model)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_mode:
             model.to_empty(device="cpu")
+        _retie(model, tied)
         fake_mode.allow_non_fake_inputs = False
         with fake_mode, ctx.exclude():
-            optimizer = make_optimizer(model, task.optimizer)
+            if task.zero_stage in (1, 2):
+                optimizer = ZeroOptimizer([p for p in model.parameters() if p.requires_grad],
+                                          mesh["dp_shard"].get_group(), task.zero_stage)
+            else:
+                optimizer = make_optimizer(model, task.optimizer)
             init_optimizer_state(model, optimizer)
         common = dict(group_dims=mesh_group_dims(mesh), vocab_size=_vocab(task),
                       batch=task.micro_batch, seq_len=task.seq_len,
@@ -77,6 +84,25 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
     fake_cache["size"] = cache1["size"]
     return RankTrace(rank=task.rank, fake_cache=fake_cache, **fields)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """`to_empty` from meta makes a new Parameter per module, which unties shared weights
+    (GPT's embedding and head) unless a wrapper (FSDP) owns them: tie them again."""
+    for names in tied:
+        source = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if module._parameters.get(attr) is not source:
+                module._parameters[attr] = source
 
 
 def _build_parts(task: RankTask, pp: int, pp_rank: int) -> list[tuple[int, nn.Module]]:

@@ -36,8 +36,16 @@ def _storage_bytes(tensors) -> int:  # noqa: ANN001
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    if hasattr(optimizer, "state_tensors"):  # sharded optimizers (ZeRO-1/2) keep their own
+        return optimizer.state_tensors()
     return [v for state in optimizer.state.values() for v in state.values()
             if isinstance(v, torch.Tensor)]
+
+
+def gradient_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    if hasattr(optimizer, "gradient_tensors"):  # ZeRO-2 keeps gradient shards, not .grad
+        return optimizer.gradient_tensors()
+    return [p.grad for p in params if p.grad is not None]
 
 
 def loss_fn(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,7 @@ def record_step(
         executed = run_microbatches(mem)
         with ctx.in_phase("optim"):
             param_bytes = _storage_bytes(params)
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = gradient_tensors(optimizer, params)
             grad_bytes = _storage_bytes(grads)
             del grads
             optimizer.step()

@@ -26,6 +26,7 @@ class RankTask:
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 2
     pp_layers: tuple[int, ...] | None = None
+    zero_stage: int = 3
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
 

@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from simdist.parallel.checkpointing import apply_ac
 from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+from simdist.parallel.zero import apply_zero_params
 from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3
 
 
@@ -23,6 +24,7 @@ class ParallelPlan:
     param_dtype: torch.dtype
     activation_checkpointing: str = "none"
     sequence_parallel: bool = True
+    zero_stage: int = 3
 
     @property
     def loss_parallel(self) -> bool:
@@ -42,6 +44,11 @@ def mesh_group_dims(mesh: DeviceMesh) -> dict[str, str]:
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
     rep, shard = plan.layout.degree("dp_replicate"), plan.layout.degree("dp_shard")
+    if plan.zero_stage in (1, 2):
+        # ZeRO-1/2: replicated low-precision parameters; the sharding lives in the optimizer
+        # (simdist.parallel.zero.ZeroOptimizer, built by the worker).
+        apply_zero_params(model, plan.param_dtype)
+        return
     if shard == 1 and rep > 1:
         apply_ddp(model, mesh["dp_replicate"], plan.param_dtype)
     elif rep > 1:

@@ -81,7 +81,9 @@ def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
       SP; pos_embeddings: a replicated table; with SP the positions are split like the sequence
       (a local slice of `arange`, no communication) and the lookup runs on the rank's slice, as
       SequenceParallel (its weight gradient is all-reduced). Without SP it stays a plain module;
-    - output colwise, logits kept vocab-sharded for `loss_parallel`.
+    - output colwise, logits kept vocab-sharded for `loss_parallel` (not with pipelining);
+    - a later pipeline stage's input (a sequence shard with SP) is made a Shard(0) DTensor for the
+      model's forward and a local tensor again at the first block.
     Tied embeddings: the rowwise embedding and the colwise head both shard the same [V, h] weight
     on dim 0 (vocab), but `parallelize_module` swaps each module's parameter for its own new
     DTensor parameter, which unties them; they are re-tied to one DTensor parameter afterwards.
@@ -90,7 +92,8 @@ def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
     emb_seq = Shard(1) if sequence_parallel else Replicate()
     norm_style = SequenceParallel(sequence_dim=0) if sequence_parallel else None
     # A pipeline stage may hold neither embeddings nor head.
-    tok, pos, head = (getattr(model, n, None) for n in ("tok_embeddings", "pos_embeddings", "output"))
+    tok, pos, head = (getattr(model, name, None)
+                      for name in ("tok_embeddings", "pos_embeddings", "output"))
     tied = tok is not None and head is not None and head.weight is tok.weight
     top: dict[str, object] = {}
     if tok is not None:
@@ -111,6 +114,16 @@ def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
         parallelize_module(pos, tp_mesh, PrepareModuleInput(input_layouts=Replicate(),
                                                             desired_input_layouts=Shard(0)))
         parallelize_module(pos, tp_mesh, SequenceParallel(sequence_dim=0, use_local_output=True))
+    if sequence_parallel and tok is None and len(model.layers):
+        # A later pipeline stage receives the rank's [s/t, b, h] sequence shard. As a Shard(0)
+        # DTensor it shows the model the full sequence length (the causal mask's size); the
+        # stage's first block takes it back to the local shard that the residual stream is.
+        parallelize_module(model, tp_mesh, PrepareModuleInput(input_layouts=seq,
+                                                              desired_input_layouts=seq))
+        parallelize_module(next(iter(model.layers.values())), tp_mesh,
+                           PrepareModuleInput(input_layouts=(seq, None),
+                                              desired_input_layouts=(seq, None),
+                                              use_local_output=True))
     for block in model.layers.values():
         plan: dict[str, object] = {
             "attn": PrepareModuleInput(input_layouts=(seq, None),

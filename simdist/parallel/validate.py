@@ -22,8 +22,11 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
                                          f"{', '.join(TP_FAMILIES)} models, not {spec.family}; "
                                          "allowed: tp=1")
-    if cfg.parallel.zero_stage != 3:
-        raise ConfigError("parallel.zero_stage", "only zero_stage 3 (FSDP2) is supported yet; allowed: 3")
+    if par.zero_stage in (1, 2) and (par.dp_replicate > 1 or tp > 1):
+        raise ConfigError("parallel.zero_stage", f"zero_stage {par.zero_stage} shards over dp_shard "
+                                                 "with replicated bf16 parameters; allowed with "
+                                                 "dp_replicate=1 and tp=1 (use zero_stage 3 = FSDP2 "
+                                                 "for HSDP or tensor parallelism)")
     args = spec.args
     if par.pp > 1:
         _check_pipeline(cfg, spec)
