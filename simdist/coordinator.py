@@ -120,15 +120,12 @@ class Progress:
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
-                     progress: bool, cache_start: Any = None,
-                     ) -> tuple[list[RankTrace], set[str], int, Any]:
+                     progress: bool, run_cache: Any = None,
+                     ) -> tuple[list[RankTrace], set[str], int]:
     from simdist.workers.pool import pool_size, start_workers
 
     n = pool_size(n_workers, len(tasks))
     actors = start_workers(n)
-    # --- shared dispatch cache (simdist/cache): the service starts while the workers do ---
-    run_cache = await cache_start if cache_start is not None else None
-    # --- end shared dispatch cache ---
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(tasks)):
         queue.put_nowait(i)
@@ -144,7 +141,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
             else:  # shared dispatch cache: warm from the snapshot, hand back new entries
                 trace, node, delta = await asyncio.wait_for(
                     actor.simulate_cached.remote(tasks[i], run_cache.arg), timeout_s)
-                await run_cache.merge(delta)
+                run_cache.merge(delta)
             results[i] = trace
             nodes.add(node)
             bar.advance()
@@ -153,7 +150,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         await asyncio.gather(*(drive(a) for a in actors))
     finally:
         bar.close()
-    return [r for r in results if r is not None], nodes, len(actors), run_cache
+    return [r for r in results if r is not None], nodes, len(actors)
 
 
 async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
@@ -173,10 +170,13 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
         # --- shared dispatch cache (simdist/cache) ---
         from simdist.cache.session import RunCache, disabled_summary
 
-        cache_start = RunCache.start(cfg.simulation.cache_dir, gpu) if use_cache else None
-        traces, nodes, n_actors, run_cache = await _run_tasks(
+        # The service loads the store while the rank actors start; nothing waits for it here.
+        run_cache = RunCache.start(cfg.simulation.cache_dir, gpu) if use_cache else None
+        # --- end shared dispatch cache ---
+        traces, nodes, n_actors = await _run_tasks(
             tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s, progress,
-            cache_start)
+            run_cache)
+        # --- shared dispatch cache: write back, fill plan.json `cache` ---
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])

@@ -8,6 +8,7 @@ failed simulation.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from simdist.cache.store import CacheWarning
 
 @dataclass(frozen=True)
 class CacheArg:
-    """Passed to RankWorker.simulate_cached: the snapshot ref stays wrapped in a list so Ray
-    does not resolve it; the worker fetches it only when it has not installed this snapshot."""
+    """Passed to RankWorker.simulate_cached. `snapshot` is `[ref]`, where `ref` is the pending
+    result of `CacheService.snapshot` (itself `[ObjectRef[Snapshot]]`): wrapped in a list so
+    Ray does not resolve it when the task starts. The driver never waits for the service; a
+    worker waits for it only once its own start-up is done, and only if it has not installed
+    this snapshot yet."""
 
-    snapshot: list  # [ObjectRef[Snapshot]]
+    snapshot: list
     snapshot_id: str
     hardware: Any  # GPUSpec: cost rows are computed for it
 
@@ -52,21 +56,23 @@ def disabled_summary(traces: list) -> dict[str, Any]:
 
 
 class RunCache:
-    def __init__(self, service: Any, arg: CacheArg, info: dict[str, Any]) -> None:
+    def __init__(self, service: Any, arg: CacheArg) -> None:
         self.service = service
         self.arg = arg
-        self.info = info
         self.bypasses: Counter = Counter()
         self.skipped: Counter = Counter()
         self.load_skipped: Counter = Counter()
         self.loaded = 0
         self.load_ms_max = 0.0
         self.encode_ms = 0.0
-        self.problems: list[str] = list(info.get("problems", []))
+        self.fetch_failed = 0
+        self._pending: list = []
 
     @classmethod
-    async def start(cls, cache_dir: str | None, hardware: Any,
-                    max_bytes: int | None = None) -> RunCache | None:
+    def start(cls, cache_dir: str | None, hardware: Any,
+              max_bytes: int | None = None) -> RunCache | None:
+        """Start the service (it loads the store while the rank actors start); returns at
+        once."""
         import ray
         import torch
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -79,45 +85,47 @@ class RunCache:
                 num_cpus=0, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             ).remote(cache_dir, torch.__version__, max_bytes)
-            ref, snap_id = await service.snapshot.remote(hardware.name)
-            info = await service.info.remote()
+            snap_id = uuid.uuid4().hex
+            snap = service.snapshot.remote(hardware.name)
         except Exception as e:  # noqa: BLE001 - the cache must never fail a run
             warnings.warn(f"simdist cache: disabled for this run ({type(e).__name__}: {e})",
                           CacheWarning, stacklevel=2)
             return None
-        for p in info.get("problems", []):
-            warnings.warn(p, CacheWarning, stacklevel=2)
-        return cls(service, CacheArg([ref], snap_id, hardware), info)
+        return cls(service, CacheArg([snap], snap_id, hardware))
 
-    async def merge(self, delta: Any) -> None:
+    def merge(self, delta: Any) -> None:
+        """Account one rank's CacheDelta and send its rows to the service (not awaited: calls
+        from one caller run in order, so `finish`'s flush comes after every merge)."""
         self.bypasses.update(delta.bypasses)
         self.skipped.update(delta.skipped)
         self.load_skipped.update(delta.load_skipped)
         self.loaded += delta.loaded
+        self.fetch_failed += delta.fetch_failed
         self.load_ms_max = max(self.load_ms_max, delta.load_ms)
         self.encode_ms += delta.encode_ms
         if delta.entries.num_rows or delta.costs.num_rows or delta.used:
-            await self.service.merge.remote(delta.entries, delta.costs, delta.used)
+            self._pending.append(self.service.merge.remote(delta.entries, delta.costs, delta.used))
 
     async def finish(self, traces: list) -> dict[str, Any]:
         import ray
 
+        c = _op_counts(traces)
         try:
+            for ref in self._pending:
+                await ref
+            info = await self.service.info.remote()  # the store as loaded at the start
             res = await self.service.flush.remote()
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"simdist cache: write-back failed ({type(e).__name__}: {e})",
+        except Exception as e:  # noqa: BLE001 - the service died or could not start
+            warnings.warn(f"simdist cache: not written back ({type(e).__name__}: {e})",
                           CacheWarning, stacklevel=2)
-            res = dict(new_entries=0, entries=self.info["entries"], bytes=self.info["bytes"],
-                       files=self.info["files"], dump_ms=0.0, evicted=0, compacted=False,
-                       problems=self.problems + [f"write-back failed: {e}"])
+            return dict(disabled_summary(traces), enabled=True, error=f"{type(e).__name__}: {e}")
         finally:
             ray.kill(self.service)
-        for p in res.get("problems", [])[len(self.problems):]:
+        for p in res.get("problems", []):
             warnings.warn(p, CacheWarning, stacklevel=2)
-        c = _op_counts(traces)
         return dict(
             enabled=True,
-            dir=self.info["dir"],
+            dir=info["dir"],
             hits=c["hits"], misses=c["misses"], bypasses=c["bypasses"],
             bypasses_by_reason=dict(self.bypasses.most_common()),
             hit_rate=_rate(c),
@@ -128,12 +136,12 @@ class RunCache:
             skipped=dict(self.skipped.most_common()),  # new entries that could not be encoded
             load_skipped=dict(self.load_skipped.most_common()),
             store=dict(
-                entries_before=self.info["entries"], entries=res["entries"],
+                entries_before=info["entries"], entries=res["entries"],
                 cost_rows=res.get("cost_rows"), new_cost_rows=res.get("new_cost_rows", 0),
                 files=res["files"], bytes=res["bytes"], evicted=res["evicted"],
-                compacted=res["compacted"], load_ms=self.info["load_ms"],
+                compacted=res["compacted"], load_ms=info["load_ms"],
                 worker_load_ms=self.load_ms_max, encode_ms=self.encode_ms,
-                dump_ms=res["dump_ms"],
+                dump_ms=res["dump_ms"], snapshot_fetch_failed=self.fetch_failed,
             ),
             warnings=res.get("problems", []),
             layer=_layer(),

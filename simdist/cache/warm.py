@@ -56,6 +56,7 @@ class CacheDelta:
     used: list[str]  # key_ids of stored entries this rank hit
     bypasses: dict[str, int]  # bypasses during this rank, by reason
     skipped: dict[str, int]  # new entries that could not be encoded, by reason
+    fetch_failed: int = 0  # 1 if this worker could not get the snapshot (ran cold)
     loaded: int = 0  # entries installed from the snapshot before this rank (0 if already warm)
     load_skipped: dict[str, int] = field(default_factory=dict)
     load_ms: float = 0.0
@@ -74,6 +75,22 @@ class RankCache:
         self._load_skipped: Counter = Counter()
         self._load_ms = 0.0
         self._bypass0: dict[str, int] = {}
+        self._fetch_failed = 0
+
+    def fetch(self, arg) -> None:  # noqa: ANN001 - simdist.cache.session.CacheArg
+        """Get the run's snapshot from the CacheService (once per snapshot per process) and
+        offer it; a service that failed means a cold rank, never a failed one."""
+        snapshot = None
+        if arg.snapshot_id != self.snapshot_id:
+            import ray
+
+            try:
+                ref, _ = ray.get(arg.snapshot[0])
+                snapshot = ray.get(ref)
+            except Exception:  # noqa: BLE001
+                self._fetch_failed = 1
+        self.offer(snapshot, arg.snapshot_id if snapshot is not None else self.snapshot_id,
+                   arg.hardware)
 
     # -- warm ---------------------------------------------------------------------------------
 
@@ -149,9 +166,10 @@ class RankCache:
             entries=codec.rows_to_table(rows), costs=costs_table(cost_rows), used=used,
             bypasses=bypasses, skipped=dict(skipped), loaded=self._loaded,
             load_skipped=dict(self._load_skipped), load_ms=self._load_ms,
-            encode_ms=(time.perf_counter() - t0) * 1e3,
+            encode_ms=(time.perf_counter() - t0) * 1e3, fetch_failed=self._fetch_failed,
         )
         self._loaded, self._load_skipped, self._load_ms = 0, Counter(), 0.0
+        self._fetch_failed = 0
         cache.used.clear()
         self.last_delta = delta
         return delta

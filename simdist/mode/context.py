@@ -41,7 +41,9 @@ class StepContext:
         parents = getattr(self.mod_tracker, "parents", None)
         if not parents:
             return ""
-        best = max(parents, key=lambda name: (name.count("."), len(name)))
+        # Deepest module; ties (sibling modules whose backward hooks are open together, e.g.
+        # wq/wk/wv sharing one input) break by name, so attribution is deterministic.
+        best = max(parents, key=lambda name: (name.count("."), name))
         # ModTracker names the root module by its class ("FSDPLlama3.layers.0"); report FQNs
         # relative to the model, without wrapper segments.
         _, _, fqn = best.partition(".")

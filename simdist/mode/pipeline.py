@@ -112,17 +112,19 @@ def run_pipeline_step(
     schedule = cls(stages if schedule_name in MULTI_STAGE else stages[0], num_microbatches,
                    loss_fn=loss)
     schedule._warmup_p2p = functools.partial(_static_warmup, schedule)
+    # The loss belongs to the forward; everything the schedule does outside the stage chunks
+    # (gradient scaling, FSDP's post-backward reductions) to the backward.
+    schedule._compute_loss = _phase_wrapped(ctx, schedule._compute_loss, "fwd")
     first = any(sid == 0 for sid, _ in parts)
     last = any(sid == num_stages - 1 for sid, _ in parts)
     buffers = [b for _, m in parts for b in m.buffers()]
 
     def microbatches(mem: MemoryTracker) -> int:
-        with ctx.in_phase("fwd"), mem.saved_tensors_hooks():
+        with ctx.in_phase("fwd"):
             args = (torch.randint(0, vocab_size, (batch * num_microbatches, seq_len)),) if first else ()
-            kwargs = {}
-            if last:
-                # chunked on dim 0 by the schedule; loss_fn handles GPT's seq-first logits
-                kwargs["target"] = torch.randint(0, vocab_size, (batch * num_microbatches, seq_len))
+            # chunked on dim 0 by the schedule; loss_fn handles GPT's seq-first logits
+            kwargs = {"target": torch.randint(0, vocab_size, (batch * num_microbatches, seq_len))} if last else {}
+        with ctx.in_phase("bwd"), mem.saved_tensors_hooks():
             schedule.step(*args, return_outputs=False, **kwargs)
         return num_microbatches
 

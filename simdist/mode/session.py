@@ -5,6 +5,7 @@ GPU would run)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch.distributed as dist
@@ -40,7 +41,38 @@ def exclude_sharding_propagation(ctx: StepContext) -> Iterator[None]:
         ShardingPropagator._propagate_tensor_meta_non_cached = orig
 
 
+_session_ids = itertools.count(1)
+
+
+@contextlib.contextmanager
+def distinct_meshes() -> Iterator[None]:
+    """Make this session's DeviceMeshes unequal to every earlier session's.
+
+    DeviceMesh equality and hash ignore the rank and the process-group names (they compare
+    layout, device and dim names, plus a thread id used only by the threaded backend), and
+    DTensor caches sharding and redistribution decisions keyed by specs that hold meshes. A
+    process simulating a second rank of the same shape would get the first rank's meshes back
+    from those caches, with process groups that no longer exist. Stamping each session's
+    meshes with its own id (in the thread-id slot the fake backend leaves unused) keeps the
+    caches correct without clearing them."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    token = -next(_session_ids)
+    orig = DeviceMesh.__init__
+
+    def init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        orig(self, *args, **kwargs)
+        if getattr(self, "_thread_id", None) is None:
+            self._thread_id = token
+
+    DeviceMesh.__init__ = init
+    try:
+        yield
+    finally:
+        DeviceMesh.__init__ = orig
+
+
 @contextlib.contextmanager
 def rank_session(rank: int, world_size: int, ctx: StepContext) -> Iterator[None]:
-    with fake_process_group(rank, world_size), exclude_sharding_propagation(ctx):
+    with distinct_meshes(), fake_process_group(rank, world_size), exclude_sharding_propagation(ctx):
         yield

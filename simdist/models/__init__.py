@@ -89,7 +89,7 @@ def shape_fields(family: str) -> list[str]:
 
 
 def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
-                  attention: str) -> ModelSpec:
+                  attention: str, routing: str = "balanced") -> ModelSpec:
     """Flavor + overrides -> ModelSpec. Raises ModelError naming the bad key."""
     if preset not in FLAVORS:
         raise ModelError("model.preset", f"unknown preset {preset!r}; allowed: {', '.join(FLAVORS)}")
@@ -103,6 +103,8 @@ def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
         fields[key] = value
     if family == "gpt":
         fields.setdefault("attention", attention)
+    if "routing" in allowed:
+        fields.setdefault("routing", routing)  # token counts per expert: an input, not data
     if "max_seq_len" in allowed and "max_seq_len" not in overrides:
         # Positions (GPT's learned table, Llama's RoPE cache) sized to the training sequence.
         fields["max_seq_len"] = seq_len

@@ -11,6 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from simdist.parallel.checkpointing import apply_ac
 from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
+from simdist.parallel.expert_parallel import apply_ep
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
 from simdist.parallel.zero import apply_zero_params
 from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3
@@ -33,13 +34,25 @@ class ParallelPlan:
         return self.layout.degree("tp") > 1 and self.layout.degree("pp") == 1
 
 
+EP_DIMS = ("dp_shard_mod_ep", "ep")
+
+
 def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
-    return init_device_mesh("cpu", layout.degrees, mesh_dim_names=MESH_ORDER)
+    if layout.ep == 1:
+        return init_device_mesh("cpu", layout.degrees, mesh_dim_names=MESH_ORDER)
+    # torchtitan's EP mesh: dp_shard split into (dp_shard_mod_ep, ep), ep innermost, and
+    # flattened back into dp_shard for the non-expert parameters.
+    pp, rep, shard, cp, tp = layout.degrees
+    mesh = init_device_mesh("cpu", (pp, rep, shard // layout.ep, layout.ep, cp, tp),
+                            mesh_dim_names=("pp", "dp_replicate", *EP_DIMS, "cp", "tp"))
+    mesh[EP_DIMS]._flatten("dp_shard")
+    return mesh
 
 
 def mesh_group_dims(mesh: DeviceMesh) -> dict[str, str]:
     """process-group name -> mesh dim name, to label recorded collectives."""
-    return {mesh.get_group(name).group_name: name for name in MESH_ORDER}
+    names = MESH_ORDER + (EP_DIMS if "ep" in (mesh.mesh_dim_names or ()) else ())
+    return {mesh.get_group(name).group_name: name for name in names}
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
@@ -49,15 +62,19 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
         # (simdist.parallel.zero.ZeroOptimizer, built by the worker).
         apply_zero_params(model, plan.param_dtype)
         return
+    reshard = plan.layout.degree("pp") == 1
+    # Experts sharded by EP are replicated only over the ranks that hold the same experts.
+    expert_dims = ("dp_shard_mod_ep",) if plan.layout.ep > 1 else None
     if shard == 1 and rep > 1:
         apply_ddp(model, mesh["dp_replicate"], plan.param_dtype)
     elif rep > 1:
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], plan.param_dtype,
-                   reshard_after_forward=plan.layout.degree("pp") == 1)
+                   reshard_after_forward=reshard,
+                   expert_mesh=mesh["dp_replicate", *expert_dims] if expert_dims else None)
     else:
         # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
-        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype,
-                   reshard_after_forward=plan.layout.degree("pp") == 1)
+        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype, reshard_after_forward=reshard,
+                   expert_mesh=mesh[expert_dims] if expert_dims else None)
 
 
 def parallelize_llama3(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
@@ -74,7 +91,15 @@ def parallelize_gpt(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> N
     apply_data_parallel(model, mesh, plan)
 
 
-PARALLELIZE = {"llama3": parallelize_llama3, "gpt": parallelize_gpt, "custom": parallelize_llama3}
+def parallelize_moe(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    if plan.layout.ep > 1:
+        apply_ep(model, mesh["ep"])
+    apply_ac(model, plan.activation_checkpointing)
+    apply_data_parallel(model, mesh, plan)
+
+
+PARALLELIZE = {"llama3": parallelize_llama3, "gpt": parallelize_gpt, "moe": parallelize_moe,
+               "custom": parallelize_llama3}
 
 
 def parallelize(family: str, model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:

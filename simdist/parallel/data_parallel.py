@@ -16,7 +16,7 @@ def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, expert_mesh: DeviceMesh | None = None) -> None:
     """One FSDP unit per transformer block, the rest (embeddings, norm, head) in the root unit.
     `dp_mesh` is 1-D (FSDP) or 2-D (dp_replicate, dp_shard) for HSDP. With pipelining,
     torchtitan keeps blocks unsharded between forward and backward (every micro-batch would
@@ -24,6 +24,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
     mp = mixed_precision(param_dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
+        if expert_mesh is not None:
+            # expert-parallel experts: their own unit over the ranks holding the same experts
+            for m in block.modules():
+                if getattr(m, "expert_parallel", None) is not None:
+                    fully_shard(m.experts, mesh=expert_mesh, mp_policy=mp,
+                                reshard_after_forward=reshard_after_forward)
         # The last block's parameters are needed again at once by backward: keep them, as
         # torchtitan does.
         fully_shard(block, mesh=dp_mesh, mp_policy=mp,

@@ -14,10 +14,14 @@ MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 @dataclass(frozen=True)
 class MeshLayout:
     degrees: tuple[int, ...]  # one per MESH_ORDER entry
+    # Expert parallelism borrows the innermost `ep` coordinates of dp_shard (torchtitan):
+    # dp_shard = dp_shard_mod_ep x ep, so it adds no factor to the world size.
+    ep: int = 1
 
     @classmethod
-    def from_parallel(cls, pp: int, dp_replicate: int, dp_shard: int, cp: int, tp: int) -> "MeshLayout":
-        return cls((pp, dp_replicate, dp_shard, cp, tp))
+    def from_parallel(cls, pp: int, dp_replicate: int, dp_shard: int, cp: int, tp: int,
+                      ep: int = 1) -> "MeshLayout":
+        return cls((pp, dp_replicate, dp_shard, cp, tp), ep)
 
     @property
     def world_size(self) -> int:
@@ -31,10 +35,12 @@ class MeshLayout:
         for name, deg in zip(reversed(MESH_ORDER), reversed(self.degrees)):
             out[name] = rank % deg
             rank //= deg
-        return {name: out[name] for name in MESH_ORDER}
+        out = {name: out[name] for name in MESH_ORDER}
+        out["ep"] = out["dp_shard"] % self.ep
+        return out
 
     def rank_of(self, coords: dict[str, int]) -> int:
-        rank = 0
+        rank = 0  # (an "ep" entry is part of dp_shard and ignored)
         for name, deg in zip(MESH_ORDER, self.degrees):
             rank = rank * deg + coords[name]
         return rank

@@ -13,6 +13,7 @@ from simdist.mode.trace import RankTask, RankTrace
 class RankWorker:
     def __init__(self) -> None:
         # Import (and so warm) the simulation stack once per actor, not once per rank.
+        import simdist.cache.warm  # noqa: F401  (shared dispatch cache)
         import simdist.mode.rank  # noqa: F401
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -35,10 +36,7 @@ class RankWorker:
 
         if self._cache is None:
             self._cache = RankCache()
-        snapshot = None
-        if cache_arg.snapshot_id != self._cache.snapshot_id:
-            snapshot = ray.get(cache_arg.snapshot[0])
-        self._cache.offer(snapshot, cache_arg.snapshot_id, cache_arg.hardware)
+        self._cache.fetch(cache_arg)
         trace = simulate_rank(task, cache=self._cache)
         return trace, self.node_id(), self._cache.last_delta
     # --- end shared dispatch cache ---
