@@ -38,6 +38,7 @@ def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
             raise ModelError("model.hf", "Hugging Face models need the `transformers` package, "
                                          "which this installation lacks; allowed: preset, entrypoint")
         return resolve_model(m.preset, m.overrides(), seq_len=cfg.training.seq_len,
+                             routing=cfg.training.routing,
                              attention=cfg.training.attention)
     except ModelError as e:
         raise ConfigError(e.key, str(e)) from None
@@ -53,15 +54,34 @@ def prepare(cfg: SimdistConfig) -> tuple[ModelSpec, MeshLayout, list[list[int]],
     except UnknownGPU as e:
         raise ConfigError("cluster.gpu", str(e)) from None
     p = cfg.parallel
-    layout = MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
+    layout = MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
     model = build_model(spec, "meta")
     dim0 = [prm.shape[0] for prm in model.parameters() if prm.dim() > 0]
     if p.tp > 1:
         # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp. Adding
         # both sizes can only split classes further, never merge ranks that differ.
         dim0 += [d // p.tp for d in dim0 if d % p.tp == 0]
-    classes = list(rank_classes(layout, dim0).values())
+    ep_loads = expert_loads(spec, cfg, layout)
+    # experts' local dim 0 under EP: their own FSDP unit over dp_shard_mod_ep
+    expert_dim0 = [spec.args.n_experts // p.ep] if p.ep > 1 else []
+    classes = list(rank_classes(layout, dim0, ep_loads, expert_dim0).values())
     return spec, layout, classes, gpu
+
+
+def expert_loads(spec: ModelSpec, cfg: SimdistConfig, layout: MeshLayout) -> list[tuple] | None:
+    """Tokens each EP rank's experts receive, per MoE layer: what makes EP ranks differ."""
+    if layout.ep == 1:
+        return None
+    from simdist.parallel.expert_parallel import ep_received_counts
+
+    n_tokens = cfg.training.micro_batch * cfg.training.seq_len // (
+        cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    try:
+        return [tuple(map(tuple, ep_received_counts(spec.args, spec.args.routing, n_tokens,
+                                                    layout.ep, r)))
+                for r in range(layout.ep)]
+    except (ValueError, OSError) as e:
+        raise ConfigError("training.routing", str(e)) from None
 
 
 def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) -> RankTask:

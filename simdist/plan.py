@@ -47,17 +47,30 @@ def class_compute(trace: RankTrace, gpu: GPUSpec, dtype: str) -> tuple[dict[str,
     return by_phase, est
 
 
+SPAN_DIMS = MESH_ORDER + ("ep", "dp_shard_mod_ep")
+
+
 def span_signature(layout: MeshLayout, rank: int, gpus_per_node: int) -> tuple[bool, ...]:
-    """Per mesh dim: does this rank's group along that dim stay inside one node?"""
+    """Per mesh dim (SPAN_DIMS): does this rank's group along it stay inside one node?
+    A group along one dim is an arithmetic progression of ranks: check its two ends."""
     coords = layout.coords(rank)
+    strides: dict[str, int] = {}
     stride = 1
-    out = []
     for name, deg in zip(reversed(MESH_ORDER), reversed(layout.degrees)):
-        lo = rank - coords[name] * stride
-        hi = lo + (deg - 1) * stride
-        out.append(lo // gpus_per_node == hi // gpus_per_node)
+        strides[name] = stride
         stride *= deg
-    return tuple(reversed(out))
+
+    def inside(offset: int, step: int, size: int) -> bool:
+        lo = rank - offset * step
+        return lo // gpus_per_node == (lo + (size - 1) * step) // gpus_per_node
+
+    out = {name: inside(coords[name], strides[name], layout.degree(name)) for name in MESH_ORDER}
+    # expert parallelism splits dp_shard into (dp_shard_mod_ep, ep), ep innermost
+    ep, shard_stride = layout.ep, strides["dp_shard"]
+    out["ep"] = inside(coords["ep"], shard_stride, ep)
+    out["dp_shard_mod_ep"] = inside(coords["dp_shard"] // ep, shard_stride * ep,
+                                    layout.degree("dp_shard") // ep)
+    return tuple(out[name] for name in SPAN_DIMS)
 
 
 def class_comm(trace: RankTrace, gpu: GPUSpec, intra: tuple[bool, ...]) -> tuple[dict[str, float], list[float]]:
@@ -68,7 +81,7 @@ def class_comm(trace: RankTrace, gpu: GPUSpec, intra: tuple[bool, ...]) -> tuple
         c["kind"].to_pylist(), c["mesh_dim"].to_pylist(), c["group_size"].to_pylist(),
         c["bytes"].to_pylist(), c["phase"].to_pylist(), c["count"].to_pylist(),
     ):
-        inside = intra[MESH_ORDER.index(dim)] if dim in MESH_ORDER else False
+        inside = intra[SPAN_DIMS.index(dim)] if dim in SPAN_DIMS else False
         bw = (gpu.nvlink_bw if inside else gpu.internode_bw) * gpu.link_efficiency
         t = collective_time(kind, nbytes, size, bw) * count
         est.append(t)
@@ -167,7 +180,7 @@ def merge(
             coords = layout.coords(rank)
             rows.append(dict(
                 rank=rank, node=rank // gpus_per_node, local_rank=rank % gpus_per_node,
-                **coords, ep=0, class_id=cid,
+                **coords, class_id=cid,
                 peak_bytes=tr.peak_bytes, param_bytes=tr.param_bytes, grad_bytes=tr.grad_bytes,
                 optimizer_bytes=tr.optimizer_bytes, activation_bytes=tr.activation_bytes,
                 other_bytes=tr.other_bytes, flops=tr.flops, hbm_bytes=tr.hbm_bytes,

@@ -29,10 +29,21 @@ def dp_shard_signatures(dim0_sizes: Iterable[int], degree: int) -> list[tuple[in
     return [tuple(chunk_size(n, degree, i) for n in sizes) for i in range(degree)]
 
 
-def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int]) -> dict[tuple, list[int]]:
-    """class signature -> ranks, in rank order; the first rank of each class represents it."""
+def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int],
+                 ep_loads: list[tuple] | None = None,
+                 expert_dim0: Iterable[int] = ()) -> dict[tuple, list[int]]:
+    """class signature -> ranks, in rank order; the first rank of each class represents it.
+    `ep_loads[e]`: the token counts EP rank e's experts receive (None without EP)."""
+    sizes = list(dim0_sizes)
     sigs: dict[str, list] = {d: [0] * layout.degree(d) for d in MESH_ORDER}
-    sigs["dp_shard"] = dp_shard_signatures(dim0_sizes, layout.degree("dp_shard"))
+    shard = layout.degree("dp_shard")
+    sigs["dp_shard"] = dp_shard_signatures(sizes, shard)
+    if layout.ep > 1:
+        # dp_shard = dp_shard_mod_ep x ep: experts (local dim 0 = n_experts / ep) are
+        # FSDP-sharded over dp_shard_mod_ep, and each EP rank receives its experts' tokens.
+        mod = dp_shard_signatures(expert_dim0, shard // layout.ep)
+        sigs["dp_shard"] = [(sigs["dp_shard"][c], mod[c // layout.ep], ep_loads[c % layout.ep])
+                            for c in range(shard)]
     sigs["pp"] = list(range(layout.degree("pp")))
     classes: dict[tuple, list[int]] = {}
     for rank in range(layout.world_size):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from simdist.config import ConfigError, SimdistConfig
 from simdist.models import ModelSpec
 
-SUPPORTED_NOW = {"cp": 1, "ep": 1}
+SUPPORTED_NOW = {"cp": 1}
 TP_FAMILIES = ("llama3", "gpt")
 
 
@@ -28,6 +28,14 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
                                                  "dp_replicate=1 and tp=1 (use zero_stage 3 = FSDP2 "
                                                  "for HSDP or tensor parallelism)")
     args = spec.args
+    if par.ep > 1:
+        n_experts = getattr(args, "n_experts", None)
+        if n_experts is None:
+            raise ConfigError("parallel.ep", f"expert parallelism needs a MoE model (moe-debug, "
+                                             f"mixtral-8x7b, deepseek-moe-16b), not {spec.family}")
+        if n_experts % par.ep or par.dp_shard % par.ep:
+            raise ConfigError("parallel.ep", f"ep={par.ep} must divide n_experts ({n_experts}) "
+                                             f"and dp_shard ({par.dp_shard})")
     if par.pp > 1:
         _check_pipeline(cfg, spec)
     if args is None:
