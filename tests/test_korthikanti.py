@@ -20,15 +20,11 @@ Per-layer saved bytes of one GPT block, 16-bit activations, 1-byte dropout masks
   Q, K, V 6, proj input 2, fc1 output 8, gelu output 8 -> 24sbh/t, and 5as^2b/t. The rest, 10sbh
   (LN1 in 2, qkv in 2, mask 1, LN2 in 2, fc1 in 2, mask 1), is replicated. Exact: + 8sb.
 - TP + SP: the LayerNorms, dropouts and residual adds run on [s/t, b, h] sequence shards, so the
-  10sbh become 10sbh/t -- except for the inputs of qkv and fc1 (2sbh each). Megatron keeps only
-  the rank's 2sbh/t shard of those and all-gathers it again in backward (paper, section 4.2.3).
-  DTensor's plan gathers the LayerNorm output to Replicate before the colwise linear
-  (PrepareModuleInput) and F.linear saves its input, the gathered [s, b, h] tensor: torch's eager
-  TP + SP (torchtitan's) really keeps 2 x 2sbh per layer there. Exact:
-      (sbh/t)(34 + 5as/h) + 4sbh(1 - 1/t) + 8sb/t,
-  i.e. +4(t - 1)/(34 + 5as/h) relative: outside 5% from t = 2 on at these shapes (5as/h = 40).
-  That row is not matched within 5% (xfail below, strict) and not fudged: the excess is what the
-  simulated code allocates.
+  10sbh become 10sbh/t, the inputs of qkv and fc1 included: like Megatron (paper, section
+  4.2.3) the GPT plan keeps only the rank's 2sbh/t shard of those and all-gathers it again in
+  backward (simdist.parallel.checkpointing.regather_in_backward: selective checkpointing that
+  recomputes only the all-gather). Plain DTensor TP + SP (the llama3 plan, torchtitan's) would
+  keep the gathered [s, b, h] input, +4sbh(1 - 1/t). Exact: (sbh/t)(34 + 5as/h) + 8sb/t.
 - selective recompute (the attention core, Korthikanti): the 5as^2b term goes, the rest stays.
 - full recompute: only the block input, 2sbh; with SP the block input is the rank's sequence
   shard, 2sbh/t.
@@ -66,10 +62,8 @@ ROWS = {
     "no parallelism": (False, "none", lambda t: SBH * (34 + 5 * A * S / H), lambda t: 8 * SB),
     "TP": (False, "none", lambda t: SBH * (10 + 24 / t + 5 * A * S / (H * t)), lambda t: 8 * SB),
     "TP + selective": (False, "selective", lambda t: SBH * (10 + 24 / t), lambda t: 8 * SB),
-    "TP + SP": (True, "none", lambda t: SBH / t * (34 + 5 * A * S / H),
-                lambda t: 4 * SBH * (t - 1) / t + 8 * SB / t),
-    "TP + SP + selective": (True, "selective", lambda t: 34 * SBH / t,
-                            lambda t: 4 * SBH * (t - 1) / t + 8 * SB / t),
+    "TP + SP": (True, "none", lambda t: SBH / t * (34 + 5 * A * S / H), lambda t: 8 * SB / t),
+    "TP + SP + selective": (True, "selective", lambda t: 34 * SBH / t, lambda t: 8 * SB / t),
     "full recompute": (False, "full", lambda t: 2 * SBH, lambda t: 0),
     "full recompute + SP": (True, "full", lambda t: 2 * SBH / t, lambda t: 0),
 }
@@ -84,14 +78,7 @@ def test_saved_activations_per_layer_are_exact(row, t):
     assert per_layer_saved(t, sp, ac) == formula(t) + residual(t)
 
 
-_SP_GATHER = pytest.mark.xfail(strict=True, reason=(
-    "DTensor's colwise qkv/fc1 save their all-gathered input (2 x 2sbh) where Megatron keeps the "
-    "2sbh/t shard and re-gathers in backward: +4(t-1)/(34 + 5as/h), see the module docstring"))
-
-
-@pytest.mark.parametrize("row,t", [
-    pytest.param(row, t, marks=_SP_GATHER if row.startswith("TP + SP") else ())
-    for row, t in CASES])
+@pytest.mark.parametrize("row,t", CASES)
 def test_saved_activations_per_layer_within_5_percent_of_table_2(row, t):
     sp, ac, formula, _ = ROWS[row]
     assert per_layer_saved(t, sp, ac) == pytest.approx(formula(t), rel=0.05)
@@ -125,13 +112,14 @@ def test_tp_collectives_per_layer_without_sp():
 def test_tp_collectives_per_layer_with_sp():
     one, two = (_tp_collectives(tr) for tr in _runs(4, True, "none"))
     ln_param = H * 2  # a bf16 LayerNorm weight or bias
-    # per layer: all-gather before attn and mlp, reduce-scatter after proj and fc2; backward
+    # per layer: all-gather before qkv and fc1, reduce-scatter after proj and fc2; backward
     # mirrors them (reduce-scatter of the gathered inputs' gradients, all-gather of the
-    # scattered outputs' gradients). The replicated LayerNorm weights and biases see sequence
-    # shards, so their four gradients are all-reduced.
+    # scattered outputs' gradients) and, as Megatron does, all-gathers the qkv and fc1 inputs
+    # again instead of keeping them: 4 backward all-gathers. The replicated LayerNorm weights
+    # and biases see sequence shards, so their four gradients are all-reduced.
     assert two - one == Counter({
         ("fwd", "all_gather", ACT): 2, ("fwd", "reduce_scatter", ACT): 2,
-        ("bwd", "all_gather", ACT): 2, ("bwd", "reduce_scatter", ACT): 2,
+        ("bwd", "all_gather", ACT): 4, ("bwd", "reduce_scatter", ACT): 2,
         ("bwd", "all_reduce", ln_param): 4})
     assert one - two == Counter()
     # the rest: the embedding's reduce-scatter and the head's all-gather (and their backward),
@@ -139,7 +127,7 @@ def test_tp_collectives_per_layer_with_sp():
     # sequence shards), loss_parallel.
     assert two == Counter({
         ("fwd", "all_gather", ACT): 2 * 2 + 1, ("fwd", "reduce_scatter", ACT): 2 * 2 + 1,
-        ("bwd", "all_gather", ACT): 2 * 2 + 1, ("bwd", "reduce_scatter", ACT): 2 * 2 + 1,
+        ("bwd", "all_gather", ACT): 2 * 4 + 1, ("bwd", "reduce_scatter", ACT): 2 * 2 + 1,
         ("bwd", "all_reduce", ln_param): 4 * 2 + 2, ("bwd", "all_reduce", S * H * 2): 1,
         ("fwd", "all_reduce", LOSS): 3})
 
@@ -166,10 +154,11 @@ def test_later_pipeline_stage_with_sp_reads_the_full_sequence():
     tr = run_rank(spec("gpt-debug", attention="eager", n_layers=2), tp=2, pp=2, rank=3,
                   micro_batch=B, num_microbatches=2, sequence_parallel=True)
     c = _tp_collectives(tr)
-    # one layer on this stage, two micro-batches: per layer all-gather before attn and mlp,
-    # reduce-scatter after proj and fc2 (backward mirrors them); the head gathers its input
-    # (and reduce-scatters its gradient) once more; without loss_parallel (pipelining) it
-    # all-gathers the vocab-sharded logits, bf16 [s, b, V].
+    # one layer on this stage, two micro-batches: per layer all-gather before qkv and fc1,
+    # reduce-scatter after proj and fc2 (backward mirrors them and re-gathers the qkv and fc1
+    # inputs); the head gathers its input (and reduce-scatters its gradient) once more; without
+    # loss_parallel (pipelining) it all-gathers the vocab-sharded logits, bf16 [s, b, V].
     assert c[("fwd", "all_gather", ACT)] == c[("bwd", "reduce_scatter", ACT)] == 2 * (2 + 1)
-    assert c[("fwd", "reduce_scatter", ACT)] == c[("bwd", "all_gather", ACT)] == 2 * 2
+    assert c[("fwd", "reduce_scatter", ACT)] == 2 * 2
+    assert c[("bwd", "all_gather", ACT)] == 2 * (2 + 2)
     assert c[("fwd", "all_gather", S * B * 2048 * 2)] == 2

@@ -8,6 +8,8 @@ failed simulation.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import uuid
 import warnings
 from collections import Counter
@@ -28,6 +30,33 @@ class CacheArg:
     snapshot: list
     snapshot_id: str
     hardware: Any  # GPUSpec: cost rows are computed for it
+
+
+ENV_PLACEMENT = "SIMDIST_CACHE_SERVICE"
+DEFAULT_PLACEMENT = "actor"
+
+
+class _InDriver:
+    """A CacheService object in the driver, called like an actor: `.method.remote(...)` runs
+    the method now and returns an awaitable of its result."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.obj, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                fut = asyncio.get_running_loop().create_future()
+                try:
+                    fut.set_result(fn(*args, **kwargs))
+                except Exception as e:  # noqa: BLE001 - delivered to whoever awaits
+                    fut.set_exception(e)
+                return fut
+
+        return _Method
 
 
 def _layer() -> dict[str, int]:
@@ -69,24 +98,33 @@ class RunCache:
         self._pending: list = []
 
     @classmethod
-    def start(cls, cache_dir: str | None, hardware: Any,
-              max_bytes: int | None = None) -> RunCache | None:
-        """Start the service (it loads the store while the rank actors start); returns at
-        once."""
+    def start(cls, cache_dir: str | None, hardware: Any, max_bytes: int | None = None,
+              placement: str | None = None) -> RunCache | None:
+        """Start the service and return at once. `placement` ($SIMDIST_CACHE_SERVICE):
+        "actor" (default), a CacheService actor on the driver's node that loads the store while
+        the rank actors start; "driver", the same CacheService object inside the driver
+        process (no extra process to start: see benchmarks/cache_warm.py for what that saves
+        on a small machine)."""
         import ray
         import torch
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from simdist.cache.service import CacheService
 
+        placement = placement or os.environ.get(ENV_PLACEMENT) or DEFAULT_PLACEMENT
         try:
-            node = ray.get_runtime_context().get_node_id()
-            service = ray.remote(CacheService).options(
-                num_cpus=0, max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-            ).remote(cache_dir, torch.__version__, max_bytes)
             snap_id = uuid.uuid4().hex
-            snap = service.snapshot.remote(hardware.name)
+            if placement == "driver":
+                service: Any = _InDriver(CacheService(cache_dir, torch.__version__, max_bytes))
+                snap = ray.put(service.obj.snapshot(hardware.name))
+            else:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                node = ray.get_runtime_context().get_node_id()
+                service = ray.remote(CacheService).options(
+                    num_cpus=0, max_restarts=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+                ).remote(cache_dir, torch.__version__, max_bytes)
+                snap = service.snapshot.remote(hardware.name)
         except Exception as e:  # noqa: BLE001 - the cache must never fail a run
             warnings.warn(f"simdist cache: disabled for this run ({type(e).__name__}: {e})",
                           CacheWarning, stacklevel=2)
@@ -120,7 +158,8 @@ class RunCache:
                           CacheWarning, stacklevel=2)
             return dict(disabled_summary(traces), enabled=True, error=f"{type(e).__name__}: {e}")
         finally:
-            ray.kill(self.service)
+            if not isinstance(self.service, _InDriver):
+                ray.kill(self.service)
         for p in res.get("problems", []):
             warnings.warn(p, CacheWarning, stacklevel=2)
         return dict(

@@ -100,3 +100,25 @@ def apply_ac(model: nn.Module, mode: str) -> None:
                 m.core_attention = _checkpointed_method(m.core_attention)
         else:
             raise ValueError(f"activation_checkpointing={mode!r}")
+
+
+_GATHERS = {
+    torch.ops._c10d_functional.all_gather_into_tensor.default,
+    torch.ops._c10d_functional.wait_tensor.default,
+}
+
+
+def _regather_context() -> Any:
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.PREFER_RECOMPUTE if func in _GATHERS else CheckpointPolicy.MUST_SAVE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def regather_in_backward(module: nn.Module) -> nn.Module:
+    """Megatron's sequence parallelism (Korthikanti et al. 2022, section 4.2.3): a column-parallel
+    linear that all-gathers its sequence-sharded input keeps only the local shard for backward
+    and all-gathers it again there. torch's ColwiseParallel keeps the gathered input; selective
+    checkpointing of the linear with everything saved except the all-gather gives Megatron's
+    behaviour from torch's own mechanisms (the matmul is not recomputed)."""
+    return _wrap_block(module, context_fn=_regather_context)

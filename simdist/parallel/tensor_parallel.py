@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from simdist.models.kernels import _fused_rms_norm
+from simdist.parallel.checkpointing import regather_in_backward
 
 
 @register_sharding(_fused_rms_norm._opoverload)
@@ -125,19 +126,21 @@ def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
                                               desired_input_layouts=(seq, None),
                                               use_local_output=True))
     for block in model.layers.values():
+        # qkv and fc1 gather the sequence themselves (input Shard(0) -> Replicate), so that with
+        # SP the gather can be redone in backward instead of keeping its output (Megatron).
         plan: dict[str, object] = {
-            "attn": PrepareModuleInput(input_layouts=(seq, None),
-                                       desired_input_layouts=(Replicate(), None)),
-            "attn.qkv": ColwiseParallel(),
+            "attn.qkv": ColwiseParallel(input_layouts=seq),
             "attn.proj": RowwiseParallel(output_layouts=seq),
-            "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-            "mlp.fc1": ColwiseParallel(),
+            "mlp.fc1": ColwiseParallel(input_layouts=seq),
             "mlp.fc2": RowwiseParallel(output_layouts=seq),
         }
         if norm_style is not None:
             plan["ln_1"] = norm_style
             plan["ln_2"] = norm_style
         parallelize_module(block, tp_mesh, plan)
+        if sequence_parallel:
+            block.attn.qkv = regather_in_backward(block.attn.qkv)
+            block.mlp.fc1 = regather_in_backward(block.mlp.fc1)
 
 
 __all__ = ["apply_tp_gpt", "apply_tp_llama3", "torch"]
