@@ -140,12 +140,16 @@ class Progress:
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
-                     progress: bool, run_cache: Any = None,
-                     ) -> tuple[list[RankTrace], set[str], int]:
+                     progress: bool, start_cache: Callable[[], Any] | None = None,
+                     ) -> tuple[list[RankTrace], set[str], int, Any]:
     from simdist.workers.pool import pool_size, start_workers
 
     n = pool_size(n_workers, len(tasks))
     actors = start_workers(n)
+    # --- shared dispatch cache (simdist/cache): its service starts after the rank actors were
+    # requested, so it does not take their start-up slots; nothing waits for it here ---
+    run_cache = start_cache() if start_cache is not None else None
+    # --- end shared dispatch cache ---
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(tasks)):
         queue.put_nowait(i)
@@ -170,7 +174,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         await asyncio.gather(*(drive(a) for a in actors))
     finally:
         bar.close()
-    return [r for r in results if r is not None], nodes, len(actors)
+    return [r for r in results if r is not None], nodes, len(actors), run_cache
 
 
 async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
@@ -190,12 +194,11 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
         # --- shared dispatch cache (simdist/cache) ---
         from simdist.cache.session import RunCache, disabled_summary
 
-        # The service loads the store while the rank actors start; nothing waits for it here.
-        run_cache = RunCache.start(cfg.simulation.cache_dir, gpu) if use_cache else None
+        start_cache = (lambda: RunCache.start(cfg.simulation.cache_dir, gpu)) if use_cache else None
         # --- end shared dispatch cache ---
-        traces, nodes, n_actors = await _run_tasks(
+        traces, nodes, n_actors, run_cache = await _run_tasks(
             tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s, progress,
-            run_cache)
+            start_cache)
         # --- shared dispatch cache: write back, fill plan.json `cache` ---
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         # --- end shared dispatch cache ---

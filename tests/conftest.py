@@ -13,9 +13,9 @@ def spec(preset: str, seq_len: int = 256, attention: str = "flash", **overrides)
 
 
 def run_rank(model: ModelSpec, *, rank: int = 0, dp_shard: int = 1, dp_replicate: int = 1,
-             tp: int = 1, pp: int = 1, seq_len: int = 256, micro_batch: int = 1, num_microbatches: int = 1,
+             tp: int = 1, pp: int = 1, cp: int = 1, seq_len: int = 256, micro_batch: int = 1, num_microbatches: int = 1,
              **kw) -> RankTrace:
-    layout = MeshLayout.from_parallel(pp, dp_replicate, dp_shard, 1, tp)
+    layout = MeshLayout.from_parallel(pp, dp_replicate, dp_shard, cp, tp)
     return simulate_rank(RankTask(rank=rank, layout=layout, model=model, seq_len=seq_len,
                                   micro_batch=micro_batch, num_microbatches=num_microbatches, **kw))
 

@@ -3,7 +3,9 @@ it as fake tensors, run one recorded training step."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -17,6 +19,7 @@ from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
 from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
+from simdist.parallel.context_parallel import context_parallel
 from simdist.parallel.zero import ZeroOptimizer
 from simdist.parallel.pipeline import prune_to_stage, rank_stage_ids, split_layers, stages_per_rank
 
@@ -72,9 +75,14 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
                 schedule_name=task.pp_schedule, dtype=plan.param_dtype,
                 seq_shards=task.layout.degree("tp") if task.sequence_parallel else 1, **common)
         else:
+            cp = task.layout.degree("cp")
+            if cp > 1:  # this rank's tokens: seq / cp, attention as ring attention
+                common["seq_len"] = task.seq_len // cp
             fields = run_step(parts[0][1], optimizer, fake_mode, ctx,
                               all_microbatches=task.all_microbatches,
-                              loss_parallel=plan.loss_parallel, **common)
+                              loss_parallel=plan.loss_parallel,
+                              step_context=(partial(context_parallel, mesh["cp"]) if cp > 1
+                                            else contextlib.nullcontext), **common)
     cache1 = _cache_counts()
     # --- shared dispatch cache (simdist/cache): collect this rank's new entries (cache.last_delta)
     if cache is not None:

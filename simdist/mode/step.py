@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -152,14 +153,20 @@ def run_step(
     num_microbatches: int,
     all_microbatches: bool,
     loss_parallel: bool = False,
+    step_context: Callable[[], Any] = contextlib.nullcontext,
 ) -> dict:
-    """One step without pipelining: a plain gradient-accumulation loop."""
+    """One step without pipelining: a plain gradient-accumulation loop. `step_context` wraps
+    the forwards and backwards (context parallelism; then `seq_len` is the local length)."""
     executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
     weights = [1] * executed
     if executed < num_microbatches:
         weights[-1] = num_microbatches - 1
 
     def microbatches(mem: MemoryTracker) -> int:
+        with step_context():
+            return _accumulate(mem)
+
+    def _accumulate(mem: MemoryTracker) -> int:
         for weight in weights:
             # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
             # shards, as torchtitan does with `loss_parallel`.

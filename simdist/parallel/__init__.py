@@ -52,7 +52,10 @@ def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
 def mesh_group_dims(mesh: DeviceMesh) -> dict[str, str]:
     """process-group name -> mesh dim name, to label recorded collectives."""
     names = MESH_ORDER + (EP_DIMS if "ep" in (mesh.mesh_dim_names or ()) else ())
-    return {mesh.get_group(name).group_name: name for name in names}
+    dims = {mesh.get_group(name).group_name: name for name in names}
+    if mesh["cp"].size() > 1:
+        dims[mesh["dp_shard", "cp"]._flatten("dp_shard_cp").get_group().group_name] = "dp_shard_cp"
+    return dims
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
@@ -73,7 +76,11 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
                    expert_mesh=mesh["dp_replicate", *expert_dims] if expert_dims else None)
     else:
         # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
-        apply_fsdp(model, mesh["dp_shard"], plan.param_dtype, reshard_after_forward=reshard,
+        # With context parallelism the cp ranks hold the same parameters: FSDP shards over
+        # dp_shard x cp (torchtitan's dp_shard_cp).
+        dp_mesh = (mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+                   if plan.layout.degree("cp") > 1 else mesh["dp_shard"])
+        apply_fsdp(model, dp_mesh, plan.param_dtype, reshard_after_forward=reshard,
                    expert_mesh=mesh[expert_dims] if expert_dims else None)
 
 

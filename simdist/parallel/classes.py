@@ -6,7 +6,9 @@ model and the plan rather than assumed:
 - dp_shard: the local shard of every parameter. FSDP2 shards dim 0 with `torch.chunk`
   semantics (ceil-sized chunks, trailing ranks short or empty), so uneven dims give different
   shards at the tail of the group.
-- pp: the stage (different layers). tp / cp: shard shapes (even by validation) -> one signature.
+- pp: the stage (different layers). tp: shard shapes (even by validation) -> one signature.
+- cp: ring attention's work per step depends on the cp rank (measured: --exhaustive shows
+  different rows per cp rank), and FSDP shards over dp_shard x cp.
 - dp_replicate: replicas run identical programs.
 Per-dimension signatures are computed once per coordinate (not per rank), so 16k ranks cost
 milliseconds."""
@@ -38,6 +40,14 @@ def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int],
     sigs: dict[str, list] = {d: [0] * layout.degree(d) for d in MESH_ORDER}
     shard = layout.degree("dp_shard")
     sigs["dp_shard"] = dp_shard_signatures(sizes, shard)
+    cp = layout.degree("cp")
+    if cp > 1:
+        # FSDP shards over dp_shard x cp (flattened, cp innermost): the shard a rank holds
+        # depends on both coordinates.
+        flat = dp_shard_signatures(sizes, shard * cp)
+        sigs["dp_shard"] = [tuple(flat[c * cp + k] for k in range(cp)) for c in range(shard)]
+        # ring attention's per-step work depends on the cp rank (which K/V blocks are masked)
+        sigs["cp"] = list(range(cp))
     if layout.ep > 1:
         # dp_shard = dp_shard_mod_ep x ep: experts (local dim 0 = n_experts / ep) are
         # FSDP-sharded over dp_shard_mod_ep, and each EP rank receives its experts' tokens.
@@ -49,5 +59,8 @@ def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int],
     for rank in range(layout.world_size):
         coords = layout.coords(rank)
         key = tuple((d, sigs[d][coords[d]]) for d in MESH_ORDER)
+        if cp > 1:  # the FSDP shard of (dp_shard, cp) replaces the dp_shard signature
+            key = tuple(kv for kv in key if kv[0] != "dp_shard") + (
+                ("fsdp", sigs["dp_shard"][coords["dp_shard"]][coords["cp"]]),)
         classes.setdefault(key, []).append(rank)
     return classes

@@ -6,7 +6,7 @@ from __future__ import annotations
 from simdist.config import ConfigError, SimdistConfig
 from simdist.models import ModelSpec
 
-SUPPORTED_NOW = {"cp": 1}
+SUPPORTED_NOW: dict[str, int] = {}
 TP_FAMILIES = ("llama3", "gpt")
 
 
@@ -36,6 +36,14 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         if n_experts % par.ep or par.dp_shard % par.ep:
             raise ConfigError("parallel.ep", f"ep={par.ep} must divide n_experts ({n_experts}) "
                                              f"and dp_shard ({par.dp_shard})")
+    if par.cp > 1:
+        if par.pp > 1 or par.dp_replicate > 1 or par.ep > 1 or par.zero_stage != 3:
+            raise ConfigError("parallel.cp", "context parallelism is implemented with FSDP "
+                                             "(dp_shard) and tp; allowed with pp=1, ep=1, "
+                                             "dp_replicate=1, zero_stage=3")
+        if spec.family == "gpt" and cfg.training.attention == "eager":
+            raise ConfigError("parallel.cp", "ring attention needs the flash attention kernel; "
+                                             "allowed: training.attention=flash")
     if par.pp > 1:
         _check_pipeline(cfg, spec)
     if args is None:

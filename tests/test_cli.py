@@ -1,0 +1,289 @@
+"""The `simdist` command line as users run it (subprocesses), plus the run-directory writer.
+
+Contract (DESIGN.md): exit 0 simulated (also when the plan does not fit), 2 invalid input with a
+one-paragraph message naming the key and no traceback, 1 internal error; never a half-written
+run directory. Bad input is rejected before Ray starts, so each such call costs only the
+imports (~0.5 s for config errors, ~3 s when the model has to be built); they run two at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+PLAN_KEYS = {
+    "world_size", "fits", "peak_bytes_max", "step_time_s", "mfu", "tokens_per_s",
+    "tokens_per_s_per_gpu", "model_flops_per_step", "num_params", "rank_classes",
+    "simulated_ranks", "sim_wall_s", "cache", "config", "simdist_version", "torch_version",
+    "execution",
+}
+RANK_COLUMNS = {
+    "rank", "node", "local_rank", "dp_replicate", "dp_shard", "cp", "tp", "pp", "ep", "class_id",
+    "peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
+    "other_bytes", "flops", "hbm_bytes", "comm_bytes", "compute_s", "comm_s", "exposed_comm_s",
+    "bubble_s", "step_s", "fits",
+}
+RUN_FILES = {"plan.json", "ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet"}
+
+
+def simdist_cmd() -> list[str]:
+    exe = shutil.which("simdist")
+    return [exe] if exe else [sys.executable, "-m", "simdist.cli"]
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    # A local Ray of its own: never join whatever RAY_ADDRESS the test runner has.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SIMDIST_DEBUG")}
+    return subprocess.run(simdist_cmd() + args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: exit 2, one short paragraph naming the key, no traceback, no run directory.
+
+YAML_SYNTAX_ERROR = "model: {preset: llama3-debug\ntraining: [1, 2\n"
+UNKNOWN_SECTION = "model: {preset: llama3-debug}\noptimiser: {lr: 0.001}\n"
+UNKNOWN_TRAINING_KEY = "model: {preset: llama3-debug}\ntraining: {seq_len: 256, lr: 0.001}\n"
+
+# id: (config file text or None for quickstart or "missing", extra args, words stderr must name)
+BAD_INPUT = {
+    "unknown-preset": (None, ["--set", "model.preset=llama9"], ["model.preset", "llama3-8b"]),
+    "unknown-model-field": (None, ["--set", "model.foo=1"], ["model.foo", "n_heads"]),
+    "bad-dtype": (None, ["--set", "training.dtype=fp8"], ["training.dtype", "bf16"]),
+    "tp-not-dividing-kv-heads": (None, ["--set", "parallel.tp=8"], ["parallel.tp", "n_kv_heads"]),
+    "pp-more-stages-than-layers": (None, ["--set", "parallel.pp=8"], ["parallel.pp", "layers"]),
+    "ep-not-supported": (None, ["--set", "parallel.ep=2"], ["parallel.ep"]),
+    "degree-product": (None, ["--set", "parallel.dp_shard=3"], ["parallel", "dp_shard", "world size 8"]),
+    "dp-shard-not-dividing": (None, ["--set", "parallel.dp_replicate=3"], ["parallel.dp_shard"]),
+    "global-batch": (None, ["--set", "training.global_batch=33"], ["training.global_batch"]),
+    "unknown-gpu": (None, ["--set", "cluster.gpu=h900"], ["cluster.gpu", "h100-sxm"]),
+    "custom-gpu-incomplete": (None, ["--set", "cluster.gpu={name: tiny, hbm_gb: 1}"],
+                              ["cluster.gpu.bf16_tflops"]),
+    "missing-file": ("missing", [], ["config", "not found", "nope.yaml"]),
+    "yaml-syntax": (YAML_SYNTAX_ERROR, [], ["config", "YAML", "line 2"]),
+    "set-without-equals": (None, ["--set", "parallel.dp_shard"], ["--set", "KEY=VALUE"]),
+    "unknown-section-set": (None, ["--set", "optimiser.lr=1"], ["optimiser", "training"]),
+    "unknown-section-file": (UNKNOWN_SECTION, [], ["optimiser", "training"]),
+    "unknown-training-key": (UNKNOWN_TRAINING_KEY, [], ["training.lr", "seq_len"]),
+    "heads-not-dividing-dim": (None, ["--set", "model.n_heads=7"], ["model.n_heads"]),
+    "seq-len-over-max-llama": (None, ["--set", "model.max_seq_len=1024"], ["training.seq_len", "1024"]),
+    "seq-len-over-max-gpt": (None, ["--set", "model.preset=gpt-debug", "--set", "model.max_seq_len=1024"],
+                             ["training.seq_len", "1024"]),
+    "negative-nodes": (None, ["--set", "cluster.nodes=-1"], ["cluster.nodes", ">= 1"]),
+    "zero-micro-batch": (None, ["--set", "training.micro_batch=0"], ["training.micro_batch"]),
+    "workers-not-a-number": (None, ["--workers", "two"], ["--workers"]),
+}
+
+
+def _run_bad(case: str, root: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    text, extra, _ = BAD_INPUT[case]
+    cwd = root / case
+    cwd.mkdir()
+    if text is None:
+        config = QUICKSTART
+    elif text == "missing":
+        config = cwd / "nope.yaml"
+    else:
+        config = cwd / "config.yaml"
+        config.write_text(text)
+    out = cwd / "nested" / "run"
+    if case == "missing-file":  # also: no default run directory (runs/<stem>/) appears
+        return run_cli(["run", str(config), *extra], cwd=cwd), cwd, cwd / "runs"
+    return run_cli(["run", str(config), "--out", str(out), *extra], cwd=cwd), cwd, out
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures = {case: pool.submit(_run_bad, case, root) for case in BAD_INPUT}
+        return {case: f.result() for case, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input(bad_runs, case):
+    proc, cwd, out = bad_runs[case]
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert err and "\n\n" not in err and len(err) < 700, err  # one short paragraph
+    for word in BAD_INPUT[case][2]:
+        assert word in err, f"{word!r} not in {err!r}"
+    assert not out.exists()
+    # Nothing else either: not the run directory's parent (`nested/`), no temp directories.
+    assert sorted(p.name for p in cwd.iterdir()) in ([], ["config.yaml"]), list(cwd.iterdir())
+    assert not (REPO / "runs" / cwd.name).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Simulated: exit 0, a complete run directory; a plan that does not fit is a result too.
+
+
+def test_quickstart_run(tmp_path):
+    out = tmp_path / "quick"
+    proc = run_cli(["run", "configs/quickstart.yaml", "--out", str(out), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "world 8" not in proc.stdout  # --quiet: no summary
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert not [p for p in tmp_path.iterdir() if p.name != "quick"]  # no temp dirs left beside
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert PLAN_KEYS <= plan.keys(), PLAN_KEYS - plan.keys()
+    assert {"hits", "misses", "bypasses", "size"} <= plan["cache"].keys()
+    assert {"ray_address", "nodes", "actors"} <= plan["execution"].keys()
+    assert plan["execution"]["ray_address"] is None  # a local Ray, started and stopped
+    assert plan["execution"]["nodes"] == 1 and plan["execution"]["actors"] >= 1
+    assert plan["world_size"] == 8 and plan["fits"] is True
+    assert plan["rank_classes"] == plan["simulated_ranks"] == 1
+    assert plan["config"]["model"]["preset"] == "llama3-debug"
+    assert plan["config"]["parallel"]["dp_shard"] == 8  # resolved from -1
+    assert plan["model_flops_per_step"] > 0 and plan["num_params"] > 0
+
+    ranks = pq.read_table(out / "ranks.parquet")
+    assert set(ranks.column_names) == RANK_COLUMNS and ranks.num_rows == 8
+    assert ranks["rank"].to_pylist() == list(range(8))
+    for name in ("ops", "collectives", "memory"):
+        table = pq.read_table(out / f"{name}.parquet")
+        assert table.num_rows > 0 and "class_id" in table.column_names
+
+
+def test_plan_that_does_not_fit_is_a_result(tmp_path):
+    # 1.2 GB of HBM, less the 1 GiB reserved: ~126 MB for a step that needs several times that.
+    # No --out: the default run directory is runs/<config stem>/ under the working directory.
+    tiny = "cluster.gpu={name: tiny, bf16_tflops: 100, hbm_gb: 1.2, hbm_tb_s: 1, nvlink_gb_s: 100}"
+    proc = run_cli(["run", str(QUICKSTART), "--set", tiny], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "fits false" in proc.stdout  # the summary line
+    out = tmp_path / "runs" / "quickstart"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["fits"] is False
+    assert plan["peak_bytes_max"] > plan["memory_limit_bytes"]
+    assert plan["config"]["cluster"]["gpu"]["name"] == "tiny"
+    assert not any(pq.read_table(out / "ranks.parquet")["fits"].to_pylist())
+
+
+# ------------------------------------------------------------------------------------------
+# Internal errors (in-process, simulate patched out): exit 1, short message, no run directory.
+
+
+def test_internal_error_exit_1(tmp_path, monkeypatch, capsys):
+    import simdist.coordinator
+    from simdist.cli import main
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("worker died")
+
+    monkeypatch.delenv("SIMDIST_DEBUG", raising=False)
+    monkeypatch.setattr(simdist.coordinator, "simulate", boom)
+    out = tmp_path / "run"
+    assert main(["run", str(QUICKSTART), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err and "worker died" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# ClusterPlan.write: atomic (built beside the target, then renamed into place).
+
+
+def tiny_plan(tag: str):
+    from simdist.plan import ClusterPlan
+
+    t = pa.table({"class_id": pa.array([0], pa.int32()), "x": [1]})
+    return ClusterPlan(summary={"tag": tag}, ranks=pa.table({"rank": [0]}), ops=t, collectives=t,
+                       memory=t)
+
+
+def old_run(parent: Path) -> Path:
+    out = parent / "run"
+    out.mkdir(parents=True)
+    (out / "plan.json").write_text('{"tag": "old"}')
+    (out / "stale.txt").write_text("from an earlier run")
+    return out
+
+
+def fail_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make `module.name` raise on its n-th call (1-based); earlier calls go through."""
+    orig = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise OSError(28, "No space left on device")
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def test_write_creates_run_dir(tmp_path):
+    out = tiny_plan("new").write(tmp_path / "a" / "run")
+    assert out == (tmp_path / "a" / "run").resolve()
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert json.loads((out / "plan.json").read_text()) == {"tag": "new"}
+    assert [p.name for p in out.parent.iterdir()] == ["run"]
+
+
+def test_write_run_dir_permissions(tmp_path):
+    # Built in a mkdtemp directory (private, 0700), but readable like any other directory.
+    out = tiny_plan("new").write(tmp_path / "run")
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    import simdist.plan
+
+    fail_on_call(monkeypatch, simdist.plan.pq, "write_table", 3)  # ranks, ops written; then fail
+    with pytest.raises(OSError):
+        tiny_plan("new").write(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_replaces_existing_run_whole(tmp_path):
+    out = old_run(tmp_path)
+    tiny_plan("new").write(out)
+    assert {p.name for p in out.iterdir()} == RUN_FILES  # stale.txt went with the old run
+    assert json.loads((out / "plan.json").read_text()) == {"tag": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_write_failure_keeps_existing_run(tmp_path, monkeypatch):
+    import simdist.plan
+
+    out = old_run(tmp_path)
+    fail_on_call(monkeypatch, simdist.plan.pq, "write_table", 2)
+    with pytest.raises(OSError):
+        tiny_plan("new").write(out)
+    assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
+    assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_write_failure_at_the_swap_keeps_existing_run(tmp_path, monkeypatch):
+    # The old run is moved aside, then the new one renamed into place: if that second rename
+    # fails, the old run must come back (not stay hidden in a temp directory).
+    import simdist.plan
+
+    out = old_run(tmp_path)
+    fail_on_call(monkeypatch, simdist.plan.os, "replace", 2)
+    with pytest.raises(OSError):
+        tiny_plan("new").write(out)
+    assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
+    assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
