@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 import time
+from functools import partial
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from simdist.mode.trace import RankTask, RankTrace
 from simdist.parallel.classes import rank_classes
 from simdist.parallel.mesh import MeshLayout
 from simdist.parallel.validate import check_plan
+from simdist.parallel.pipeline import stage_parts
 from simdist.plan import ClusterPlan, merge
 
 # Reserved per GPU outside the PyTorch allocator: CUDA context, cuBLAS/NCCL workspaces.
@@ -55,16 +57,20 @@ def prepare(cfg: SimdistConfig) -> tuple[ModelSpec, MeshLayout, list[list[int]],
         raise ConfigError("cluster.gpu", str(e)) from None
     p = cfg.parallel
     layout = MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
-    model = build_model(spec, "meta")
-    dim0 = [prm.shape[0] for prm in model.parameters() if prm.dim() > 0]
-    if p.tp > 1:
-        # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp. Adding
-        # both sizes can only split classes further, never merge ranks that differ.
-        dim0 += [d // p.tp for d in dim0 if d % p.tp == 0]
+    dim0_by_stage = []
+    for pp_rank in range(p.pp):  # each pipeline rank's own parameters
+        parts = stage_parts(partial(build_model, spec, "meta"), spec.n_layers or 0, p.pp,
+                            pp_rank, p.pp_schedule, p.pp_virtual_stages, p.pp_layers)
+        dim0 = [prm.shape[0] for _, m in parts for prm in m.parameters() if prm.dim() > 0]
+        if p.tp > 1:
+            # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp.
+            # Adding both sizes can only split classes further, never merge ranks that differ.
+            dim0 += [d // p.tp for d in dim0 if d % p.tp == 0]
+        dim0_by_stage.append(dim0)
     ep_loads = expert_loads(spec, cfg, layout)
     # experts' local dim 0 under EP: their own FSDP unit over dp_shard_mod_ep
     expert_dim0 = [spec.args.n_experts // p.ep] if p.ep > 1 else []
-    classes = list(rank_classes(layout, dim0, ep_loads, expert_dim0).values())
+    classes = list(rank_classes(layout, dim0_by_stage, ep_loads, expert_dim0).values())
     return spec, layout, classes, gpu
 
 

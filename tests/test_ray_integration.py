@@ -63,32 +63,15 @@ def _partition(labels: list) -> set[frozenset[int]]:
     return {frozenset(b) for b in blocks.values()}
 
 
-# Keys that identify a row of each class table, without `module`: the module an op is attributed
-# to during backward is not reproducible across processes (see _without_module), everything
-# else is.
-_TABLE_KEYS = {
-    "ops": (["op", "phase", "shapes"], ["count", "flops", "bytes"]),
-    "collectives": (["op", "kind", "mesh_dim", "group_size", "bytes", "phase"], ["count"]),
-    "memory": (["seq", "phase", "op", "delta", "live"], []),
-}
+CLASS_TABLES = ("ops", "collectives", "memory")
 
 
-def _without_module(plan, name: str, class_id: int) -> list[tuple]:
-    """One class's rows of `plan.<name>` with the `module` column dropped and rows that then
-    coincide summed. StepContext.module() picks the deepest, longest name among ModTracker's
-    parents; during backward several siblings are parents at once (attention.wq/wk/wv,
-    layers.2/layers.3 under FSDP prefetch) and the tie goes to whichever comes first in a set
-    of strings, i.e. to the process's hash seed. Totals per op are exact either way."""
+def _class_rows(plan, name: str, class_id: int) -> list[dict]:
+    """One class's rows of `plan.<name>` (ops / collectives / memory), without the class number.
+    Module attribution is part of the comparison: StepContext.module() breaks ties between
+    sibling modules open together in backward by name, so it does not depend on the process."""
     table = getattr(plan, name)
-    rows = table.filter(pc.equal(table["class_id"], class_id)).to_pylist()
-    keys, sums = _TABLE_KEYS[name]
-    out: dict[tuple, list[int]] = {}
-    for r in rows:
-        acc = out.setdefault(tuple(r[k] for k in keys), [0] * (len(sums) + 1))
-        acc[0] += 1 if not sums else 0
-        for i, k in enumerate(sums, 1):
-            acc[i] += r[k]
-    return sorted((k, tuple(v)) for k, v in out.items())
+    return table.filter(pc.equal(table["class_id"], class_id)).drop_columns(["class_id"]).to_pylist()
 
 
 def _same_row(a: dict, b: dict) -> bool:
@@ -126,9 +109,12 @@ def assert_classes_match_exhaustive(by_class, exhaustive) -> None:
     # Deeper than the per-rank numbers: every member of a class executed the same ops,
     # collectives and memory timeline as the class's representative.
     for r in a:
-        for name in _TABLE_KEYS:
-            assert _without_module(by_class, name, r["class_id"]) == \
-                   _without_module(exhaustive, name, r["rank"]), f"{name} of rank {r['rank']}"
+        for name in CLASS_TABLES:
+            ours = _class_rows(by_class, name, r["class_id"])
+            theirs = _class_rows(exhaustive, name, r["rank"])  # exhaustive: class_id == rank
+            assert len(ours) == len(theirs) > 0, f"{name} of rank {r['rank']}"
+            for x, y in zip(ours, theirs):
+                assert _same_row(x, y), f"{name} of rank {r['rank']}: {x} != {y}"
 
 
 def test_fsdp_8_gpus(local_ray):

@@ -616,8 +616,3 @@ def validate_entry(key: ft._DispatchCacheKey, entry: object,
         out = mode._output_from_cache_entry(state, entry, key, func, args)
         with ft.disable_fake_tensor_cache(mode):
             mode._crosscheck_cache_output(out, func, types, args, kwargs)
-
-
-def iter_decoded(table: pa.Table) -> Iterator[tuple[str, ft._DispatchCacheKey, object]]:
-    decoded, _ = decode_table(table)
-    yield from decoded

@@ -95,6 +95,7 @@ class RunCache:
         self.load_ms_max = 0.0
         self.encode_ms = 0.0
         self.fetch_failed = 0
+        self.rank_cpu_s = 0.0
         self._pending: list = []
 
     @classmethod
@@ -141,6 +142,7 @@ class RunCache:
         self.fetch_failed += delta.fetch_failed
         self.load_ms_max = max(self.load_ms_max, delta.load_ms)
         self.encode_ms += delta.encode_ms
+        self.rank_cpu_s += delta.rank_cpu_s
         if delta.entries.num_rows or delta.costs.num_rows or delta.used:
             self._pending.append(self.service.merge.remote(delta.entries, delta.costs, delta.used))
 
@@ -181,6 +183,7 @@ class RunCache:
                 compacted=res["compacted"], load_ms=info["load_ms"],
                 worker_load_ms=self.load_ms_max, encode_ms=self.encode_ms,
                 dump_ms=res["dump_ms"], snapshot_fetch_failed=self.fetch_failed,
+                rank_cpu_s=self.rank_cpu_s,  # CPU seconds of the ranks in the workers
             ),
             warnings=res.get("problems", []),
             layer=_layer(),

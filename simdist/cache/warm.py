@@ -61,6 +61,9 @@ class CacheDelta:
     load_skipped: dict[str, int] = field(default_factory=dict)
     load_ms: float = 0.0
     encode_ms: float = 0.0
+    # CPU seconds of this process from before_rank to after_rank (the rank's simulation with
+    # the cache's own work): wall time on a shared machine hides what the cache saves.
+    rank_cpu_s: float = 0.0
 
 
 class RankCache:
@@ -76,6 +79,7 @@ class RankCache:
         self._load_ms = 0.0
         self._bypass0: dict[str, int] = {}
         self._fetch_failed = 0
+        self._cpu0 = time.process_time()
 
     def fetch(self, arg) -> None:  # noqa: ANN001 - simdist.cache.session.CacheArg
         """Get the run's snapshot from the CacheService (once per snapshot per process) and
@@ -128,6 +132,7 @@ class RankCache:
             self.warm(snap)
         cache.used.clear()
         self._bypass0 = dict(ft.FakeTensorMode.cache_bypasses)
+        self._cpu0 = time.process_time()
 
     def after_rank(self) -> CacheDelta:
         with codec.gc_paused():
@@ -167,6 +172,7 @@ class RankCache:
             bypasses=bypasses, skipped=dict(skipped), loaded=self._loaded,
             load_skipped=dict(self._load_skipped), load_ms=self._load_ms,
             encode_ms=(time.perf_counter() - t0) * 1e3, fetch_failed=self._fetch_failed,
+            rank_cpu_s=time.process_time() - self._cpu0,
         )
         self._loaded, self._load_skipped, self._load_ms = 0, Counter(), 0.0
         self._fetch_failed = 0

@@ -21,7 +21,7 @@ from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
 from simdist.parallel.context_parallel import context_parallel
 from simdist.parallel.zero import ZeroOptimizer
-from simdist.parallel.pipeline import prune_to_stage, rank_stage_ids, split_layers, stages_per_rank
+from simdist.parallel.pipeline import stage_parts, stages_per_rank
 
 if TYPE_CHECKING:
     from simdist.cache.warm import RankCache
@@ -48,7 +48,9 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
         plan = ParallelPlan(task.layout, torch_dtype(task.dtype), task.activation_checkpointing,
                             task.sequence_parallel, task.zero_stage)
         pp = task.layout.degree("pp")
-        parts = _build_parts(task, pp, task.layout.coords(task.rank)["pp"])
+        parts = stage_parts(partial(build_model, task.model, "meta"), task.model.n_layers or 0,
+                            pp, task.layout.coords(task.rank)["pp"], task.pp_schedule,
+                            task.pp_virtual_stages, task.pp_layers)
         for _, part in parts:
             parallelize(task.model.family, part, mesh, plan)
         model = nn.ModuleList([part for _, part in parts])
@@ -111,20 +113,6 @@ def _retie(model: nn.Module, tied: list[list[str]]) -> None:
             module = model.get_submodule(owner) if owner else model
             if module._parameters.get(attr) is not source:
                 module._parameters[attr] = source
-
-
-def _build_parts(task: RankTask, pp: int, pp_rank: int) -> list[tuple[int, nn.Module]]:
-    """This rank's model parts on meta: the whole model, or its pipeline stages."""
-    if pp == 1:
-        return [(0, build_model(task.model, "meta"))]
-    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages)
-    num_stages = pp * per_rank
-    layers = split_layers(task.model.n_layers, num_stages, task.pp_layers)
-    parts = []
-    for sid in rank_stage_ids(pp_rank, pp, per_rank):
-        model = build_model(task.model, "meta")
-        parts.append((sid, prune_to_stage(model, layers[sid], sid == 0, sid == num_stages - 1)))
-    return parts
 
 
 def _vocab(task: RankTask) -> int:

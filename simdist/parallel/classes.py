@@ -31,12 +31,23 @@ def dp_shard_signatures(dim0_sizes: Iterable[int], degree: int) -> list[tuple[in
     return [tuple(chunk_size(n, degree, i) for n in sizes) for i in range(degree)]
 
 
-def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int],
+def rank_classes(layout: MeshLayout, dim0_by_stage: list[list[int]],
                  ep_loads: list[tuple] | None = None,
                  expert_dim0: Iterable[int] = ()) -> dict[tuple, list[int]]:
     """class signature -> ranks, in rank order; the first rank of each class represents it.
-    `ep_loads[e]`: the token counts EP rank e's experts receive (None without EP)."""
-    sizes = list(dim0_sizes)
+    `dim0_by_stage[p]`: dim-0 sizes of the parameters pipeline rank p holds (one list without
+    pipelining); `ep_loads[e]`: the token counts EP rank e's experts receive (None without EP)."""
+    keys = [_rank_keys(layout, sizes, ep_loads, expert_dim0) for sizes in dim0_by_stage]
+    classes: dict[tuple, list[int]] = {}
+    for rank in range(layout.world_size):
+        coords = layout.coords(rank)
+        key = (("pp", coords["pp"]),) + keys[coords["pp"]](coords)
+        classes.setdefault(key, []).append(rank)
+    return classes
+
+
+def _rank_keys(layout: MeshLayout, sizes: list[int], ep_loads: list[tuple] | None,
+               expert_dim0: Iterable[int]):  # noqa: ANN202
     sigs: dict[str, list] = {d: [0] * layout.degree(d) for d in MESH_ORDER}
     shard = layout.degree("dp_shard")
     sigs["dp_shard"] = dp_shard_signatures(sizes, shard)
@@ -54,13 +65,12 @@ def rank_classes(layout: MeshLayout, dim0_sizes: Iterable[int],
         mod = dp_shard_signatures(expert_dim0, shard // layout.ep)
         sigs["dp_shard"] = [(sigs["dp_shard"][c], mod[c // layout.ep], ep_loads[c % layout.ep])
                             for c in range(shard)]
-    sigs["pp"] = list(range(layout.degree("pp")))
-    classes: dict[tuple, list[int]] = {}
-    for rank in range(layout.world_size):
-        coords = layout.coords(rank)
-        key = tuple((d, sigs[d][coords[d]]) for d in MESH_ORDER)
+
+    def key(coords: dict[str, int]) -> tuple:
+        k = tuple((d, sigs[d][coords[d]]) for d in MESH_ORDER if d != "pp")
         if cp > 1:  # the FSDP shard of (dp_shard, cp) replaces the dp_shard signature
-            key = tuple(kv for kv in key if kv[0] != "dp_shard") + (
+            k = tuple(kv for kv in k if kv[0] != "dp_shard") + (
                 ("fsdp", sigs["dp_shard"][coords["dp_shard"]][coords["cp"]]),)
-        classes.setdefault(key, []).append(rank)
-    return classes
+        return k
+
+    return key

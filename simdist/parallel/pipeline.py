@@ -3,6 +3,8 @@ schedules. The worker drives `schedule.step` itself (see mode/pipeline.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
@@ -56,3 +58,16 @@ def prune_to_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bo
         model.norm = None
         model.output = None
     return model
+
+
+def stage_parts(build: Callable[[], nn.Module], n_layers: int, pp: int, pp_rank: int,
+                schedule: str, virtual_stages: int,
+                pp_layers: list[int] | tuple[int, ...] | None) -> list[tuple[int, nn.Module]]:
+    """(stage id, module) for every stage rank `pp_rank` holds; `build()` makes a whole model."""
+    if pp == 1:
+        return [(0, build())]
+    per_rank = stages_per_rank(schedule, virtual_stages)
+    num_stages = pp * per_rank
+    layers = split_layers(n_layers, num_stages, list(pp_layers) if pp_layers else None)
+    return [(sid, prune_to_stage(build(), layers[sid], sid == 0, sid == num_stages - 1))
+            for sid in rank_stage_ids(pp_rank, pp, per_rank)]
