@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exhaustive", action="store_true",
                      help="simulate every rank instead of one per class")
     run.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    cache = sub.add_parser("cache", help="the shared dispatch cache: info | clear | path")
+    cache.add_argument("action", choices=["info", "clear", "path"])
+    cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
+                                           "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
     return p
 
 
@@ -59,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     plan = simulate(cfg, address=args.address, workers=args.workers,
-                    exhaustive=args.exhaustive, progress=not args.quiet)
+                    exhaustive=args.exhaustive, progress=not args.quiet,
+                    use_cache=not args.no_cache)
     path = plan.write(out)
     if not args.quiet:
         print(_summary_line(plan))
@@ -72,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "cache":
+            from simdist.cache.commands import cache_command
+
+            return cache_command(args.action, args.cache_dir)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # an internal error: short message, traceback only on request

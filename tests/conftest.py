@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Tests never touch the user's cache: one fresh cache directory per test session (the CLI tests'
+# subprocesses inherit it).
+os.environ.setdefault("SIMDIST_CACHE_DIR", tempfile.mkdtemp(prefix="simdist-test-cache-"))
 
 from simdist.mode.rank import simulate_rank
 from simdist.mode.trace import RankTask, RankTrace
