@@ -1,4 +1,4 @@
-"""`simdist run | report | cache` — exit 0 simulated (fits or not), 2 bad input, 1 internal error."""
+"""`simdist run | cache` — exit 0 simulated (fits or not), 2 bad input, 1 internal error."""
 
 from __future__ import annotations
 

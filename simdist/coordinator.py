@@ -117,7 +117,8 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        # address="local": always a new local Ray, never a cluster some `ray start` left behind
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     try:
         yield ray.get_runtime_context().gcs_address if address else None
     finally:
