@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn

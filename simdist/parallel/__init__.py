@@ -73,7 +73,7 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
     elif rep > 1:
         apply_fsdp(model, mesh["dp_replicate", "dp_shard"], plan.param_dtype,
                    reshard_after_forward=reshard,
-                   expert_mesh=mesh["dp_replicate", *expert_dims] if expert_dims else None)
+                   expert_mesh=mesh[("dp_replicate", *expert_dims)] if expert_dims else None)
     else:
         # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
         # With context parallelism the cp ranks hold the same parameters: FSDP shards over

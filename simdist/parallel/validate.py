@@ -6,17 +6,11 @@ from __future__ import annotations
 from simdist.config import ConfigError, SimdistConfig
 from simdist.models import ModelSpec
 
-SUPPORTED_NOW: dict[str, int] = {}
 TP_FAMILIES = ("llama3", "gpt")
 
 
 def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     par = cfg.parallel
-    for key, allowed in SUPPORTED_NOW.items():
-        if getattr(par, key) != allowed:
-            raise ConfigError(f"parallel.{key}", f"{key}={getattr(par, key)} is not supported yet; "
-                                                 f"allowed: {allowed} (data parallelism: dp_shard, "
-                                                 "dp_replicate; tensor parallelism: tp; pipelining: pp)")
     tp = par.tp
     if tp > 1 and spec.family not in TP_FAMILIES:
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
