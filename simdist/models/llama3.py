@@ -128,9 +128,12 @@ class Llama3(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.make_block(args, i) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def make_block(self, args: Llama3Args, layer_id: int) -> nn.Module:
+        return TransformerBlock(args)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # Pipeline stages drop modules by setting them to None, as torchtitan does.

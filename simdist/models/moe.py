@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from simdist.models.llama3 import Attention, FeedForward, RMSNorm, rope_cos_sin
+from simdist.models.llama3 import Attention, FeedForward, Llama3, RMSNorm
 from simdist.models.routing import expert_token_counts
 
 
@@ -201,28 +201,12 @@ class MoEBlock(nn.Module):
         return h + ffn(self.ffn_norm(h))
 
 
-class MoETransformer(nn.Module):
-    """Same skeleton as Llama3 (tok_embeddings, layers ModuleDict, norm, output), so the data
-    parallel, checkpointing and pipeline code treat it alike."""
+class MoETransformer(Llama3):
+    """Llama3 with MoE blocks: the same skeleton and forward (tok_embeddings, layers ModuleDict,
+    norm, output), so data parallel, checkpointing and pipeline code treat it alike."""
 
-    def __init__(self, args: MoEArgs) -> None:
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): MoEBlock(args, i) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # Pipeline stages drop modules by setting them to None; RoPE sized by max_seq_len (the
-        # training sequence length, set by resolve_model), as Llama3 does.
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-        cos, sin = cos.to(device=h.device, dtype=h.dtype), sin.to(device=h.device, dtype=h.dtype)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+    def make_block(self, args: MoEArgs, layer_id: int) -> nn.Module:
+        return MoEBlock(args, layer_id)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
