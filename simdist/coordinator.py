@@ -5,6 +5,7 @@ one representative per class on Ray actors (every rank with `exhaustive`), strea
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -117,6 +118,10 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray notes at every local start that token authentication is on (its default, kept);
+        # batch jobs read our stderr for errors, so that notice stays out of it.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         # address="local": always a new local Ray, never a cluster some `ray start` left behind
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     try:
