@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simdist import schema
-from simdist.costmodel import GPUSpec, collective_time, combine, mfu, op_times, pipeline_bubble
+from simdist.costmodel import GPUSpec, collective_time, combine, link_bw, mfu, op_times, pipeline_bubble
 from simdist.mode.trace import RankTrace
 from simdist.parallel.mesh import MESH_ORDER, MeshLayout
 
@@ -80,8 +80,7 @@ def class_comm(trace: RankTrace, gpu: GPUSpec, intra: tuple[bool, ...]) -> tuple
         c["kind"].to_pylist(), c["mesh_dim"].to_pylist(), c["group_size"].to_pylist(),
         c["bytes"].to_pylist(), c["phase"].to_pylist(), c["count"].to_pylist(),
     ):
-        inside = intra[SPAN_DIMS.index(dim)] if dim in SPAN_DIMS else False
-        bw = (gpu.nvlink_bw if inside else gpu.internode_bw) * gpu.link_efficiency
+        bw = link_bw(gpu, intra[SPAN_DIMS.index(dim)] if dim in SPAN_DIMS else False)
         t = collective_time(kind, nbytes, size, bw) * count
         est.append(t)
         by_phase[phase] = by_phase.get(phase, 0.0) + t

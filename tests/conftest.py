@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 
 import pytest
 
@@ -30,3 +31,12 @@ def run_rank(model: ModelSpec, *, rank: int = 0, dp_shard: int = 1, dp_replicate
 @pytest.fixture(scope="session")
 def llama8b() -> ModelSpec:
     return spec("llama3-8b", seq_len=512)
+
+
+def collective_counts(tr: RankTrace, mesh_dim: str) -> Counter:
+    """(phase, kind, bytes) -> count of the collectives on one mesh dimension."""
+    c: Counter = Counter()
+    for r in tr.collectives.to_pylist():
+        if r["mesh_dim"] == mesh_dim:
+            c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    return c

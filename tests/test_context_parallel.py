@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
-from conftest import run_rank, spec
+from conftest import collective_counts, run_rank, spec
 
 S, CP, L = 512, 4, 2
 
@@ -25,10 +23,7 @@ def test_cp_shards_sequence_parameters_and_exchanges_kv():
     assert _per_op(tr, "fwd", mm) * CP == _per_op(base, "fwd", mm)
     # ring attention: each layer's forward all-gathers the K and V shards of the CP group
     # (after repeat_kv: n_heads heads), backward gathers again and rotates the K/V gradients
-    c = Counter()
-    for r in tr.collectives.to_pylist():
-        if r["mesh_dim"] == "cp":
-            c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    c = collective_counts(tr, "cp")
     kv = 2 * (1 * a.n_heads * S * a.head_dim * 2)  # K and V, bf16, whole sequence
     assert c[("fwd", "all_gather", kv)] == L
     assert c[("bwd", "all_gather", kv)] == L

@@ -36,7 +36,7 @@ import functools
 from collections import Counter
 
 import pytest
-from conftest import run_rank, spec
+from conftest import collective_counts, run_rank, spec
 
 from simdist.models import build_model, count_params
 
@@ -85,11 +85,7 @@ def test_saved_activations_per_layer_within_5_percent_of_table_2(row, t):
 
 
 def _tp_collectives(tr) -> Counter:  # noqa: ANN001
-    c: Counter = Counter()
-    for r in tr.collectives.to_pylist():
-        if r["mesh_dim"] == "tp":
-            c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
-    return c
+    return collective_counts(tr, "tp")
 
 
 ACT = SBH * 2  # one bf16 [s, b, h] activation

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import simdist.parallel as parallel
 from simdist.models import build_model, count_params
-from simdist.models.moe import GroupedExperts, MoEArgs, moe_layers
+from simdist.models.moe import GroupedExperts, moe_layers
 from simdist.models.routing import RoutingError, ep_received_tokens, expert_token_counts
 from simdist.mode.context import StepContext
 from simdist.mode.session import rank_session

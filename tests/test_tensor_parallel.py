@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import run_rank, spec
+from conftest import collective_counts, run_rank, spec
 
 from simdist.models import build_model, count_params
 
@@ -14,11 +14,7 @@ L, B, S = 2, 2, 256
 
 
 def _tp_collectives(tr) -> Counter:  # noqa: ANN001
-    c: Counter = Counter()
-    for r in tr.collectives.to_pylist():
-        if r["mesh_dim"] == "tp":
-            c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
-    return c
+    return collective_counts(tr, "tp")
 
 
 @pytest.fixture(scope="module")

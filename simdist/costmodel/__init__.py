@@ -3,7 +3,7 @@
 A library: it imports nothing else from simdist.
 """
 
-from simdist.costmodel.collectives import COLLECTIVE_KINDS, collective_time, group_link_bw
+from simdist.costmodel.collectives import COLLECTIVE_KINDS, collective_time, group_link_bw, link_bw
 from simdist.costmodel.hardware import PRESETS, GPUSpec, InvalidGPUSpec, UnknownGPU, gpu_spec
 from simdist.costmodel.roofline import KERNEL_LAUNCH_FLOOR_S, op_time, op_times
 from simdist.costmodel.schedule import StepTime, combine, mfu, pipeline_bubble
@@ -20,6 +20,7 @@ __all__ = [
     "combine",
     "gpu_spec",
     "group_link_bw",
+    "link_bw",
     "mfu",
     "op_time",
     "op_times",

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from simdist.costmodel.hardware import GPUSpec
 
-__all__ = ["COLLECTIVE_KINDS", "collective_time", "group_link_bw"]
+__all__ = ["COLLECTIVE_KINDS", "collective_time", "group_link_bw", "link_bw"]
 
 # kind -> (bandwidth factor as a function of n, number of latency steps as a function of n)
 _MODEL = {
@@ -58,6 +58,11 @@ def collective_time(
     return bw_factor(n) * nbytes / link_bw + steps(n) * latency_s
 
 
+def link_bw(gpu: GPUSpec, intra_node: bool) -> float:
+    """Effective per-GPU bandwidth (bytes/s): NVLink inside one node, else the NIC."""
+    return (gpu.nvlink_bw if intra_node else gpu.internode_bw) * gpu.link_efficiency
+
+
 def group_link_bw(gpu: GPUSpec, ranks: Sequence[int], gpus_per_node: int) -> float:
     """Effective per-GPU bandwidth (bytes/s) of a group: NVLink within one node, else the NIC."""
     if gpus_per_node < 1:
@@ -65,5 +70,4 @@ def group_link_bw(gpu: GPUSpec, ranks: Sequence[int], gpus_per_node: int) -> flo
     ranks = list(ranks)
     if not ranks:
         raise ValueError("ranks must not be empty")
-    one_node = len({r // gpus_per_node for r in ranks}) == 1
-    return (gpu.nvlink_bw if one_node else gpu.internode_bw) * gpu.link_efficiency
+    return link_bw(gpu, len({r // gpus_per_node for r in ranks}) == 1)

@@ -44,12 +44,3 @@ class MeshLayout:
         for name, deg in zip(MESH_ORDER, self.degrees):
             rank = rank * deg + coords[name]
         return rank
-
-    def group(self, rank: int, dims: tuple[str, ...] | str) -> list[int]:
-        """Ranks that share every coordinate with `rank` except those in `dims`."""
-        dims = (dims,) if isinstance(dims, str) else dims
-        base = self.coords(rank)
-        ranks = [base]
-        for d in dims:
-            ranks = [dict(c, **{d: i}) for c in ranks for i in range(self.degree(d))]
-        return sorted(self.rank_of(c) for c in ranks)
