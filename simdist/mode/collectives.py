@@ -57,16 +57,12 @@ def _process_group(func: Any, args: tuple) -> dist.ProcessGroup | None:
     return None
 
 
-@dataclass
-class CollectiveRow:
-    count: int = 0
-
-
 @dataclass(eq=False)
 class CollectiveRecorder(TorchDispatchMode):
     ctx: StepContext
     group_dims: dict[str, str] = field(default_factory=dict)  # group_name -> mesh dim name
-    rows: dict[tuple[str, str, str, int, int, str, str, int], CollectiveRow] = field(default_factory=dict)
+    # (op, kind, mesh_dim, group_size, bytes, phase, module, peer, weight), see streams.py
+    events: list[tuple] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -88,7 +84,6 @@ class CollectiveRecorder(TorchDispatchMode):
         # Point-to-point: the peer's rank within the group (c10d.send/recv_ take it as the only
         # int argument); -1 for collectives.
         peer = next((a for a in args if type(a) is int), -1) if kind in ("send", "recv") else -1
-        key = (name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(), peer)
-        row = self.rows.setdefault(key, CollectiveRow())
-        row.count += self.ctx.weight
+        self.events.append((name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(),
+                            peer, self.ctx.weight))
         return out

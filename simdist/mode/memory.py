@@ -37,26 +37,15 @@ class StorageInfo:
     saved: bool = False
 
 
-@dataclass
-class MemoryEvent:
-    seq: int
-    phase: str
-    module: str
-    op: str
-    delta: int
-    live: int
-
-
 @dataclass(eq=False)
 class MemoryTracker(TorchDispatchMode):
+    """Appends (phase, module, op, delta, saved_delta) events to `events` (see streams.py)."""
+
     ctx: StepContext
     storages: dict[int, StorageInfo] = field(default_factory=dict)
-    events: list[MemoryEvent] = field(default_factory=list)
+    events: list[tuple] = field(default_factory=list)
     live: int = 0
-    peak: int = 0
-    peak_event: MemoryEvent | None = None
     saved_live: int = 0
-    saved_peak: int = 0
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -79,29 +68,24 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t, category, op="<resident>")
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-        self.peak_event = None
-        self.saved_peak = self.saved_live
+    def start(self) -> tuple[int, int]:
+        """Start the step's timeline here: returns (live, saved) bytes at this point."""
         self.events.clear()
+        return self.live, self.saved_live
 
     # -- accounting -----------------------------------------------------------------------
     def _change(self, delta: int, op: str) -> None:
         if delta == 0:
             return
         self.live += delta
-        ev = MemoryEvent(len(self.events), self.ctx.phase, self.ctx.module(), op, delta, self.live)
-        self.events.append(ev)
-        if self.live > self.peak:
-            self.peak = self.live
-            self.peak_event = ev
+        self.events.append((self.ctx.phase, self.ctx.module(), op, delta, 0))
 
     def _on_free(self, key: int) -> None:
         info = self.storages.pop(key, None)
         if info is None:
             return
         if info.saved:
-            self.saved_live -= info.nbytes
+            self._saved_change(-info.nbytes)
         self._change(-info.nbytes, "<free>")
 
     def _on_resize(self, st: torch.UntypedStorage, nbytes: int) -> None:
@@ -115,8 +99,10 @@ class MemoryTracker(TorchDispatchMode):
         self._change(delta, "resize_")
 
     def _saved_change(self, delta: int) -> None:
+        if delta == 0:
+            return
         self.saved_live += delta
-        self.saved_peak = max(self.saved_peak, self.saved_live)
+        self.events.append((self.ctx.phase, self.ctx.module(), "", 0, delta))
 
     def mark_saved(self, t: torch.Tensor) -> None:
         """Called by the saved-tensors hook: autograd keeps `t` until backward."""

@@ -3,8 +3,9 @@
 FLOPs come from torch's own formulas (`torch.utils.flop_counter.flop_registry`, the table behind
 FlopCounterMode); bytes are the sizes of the op's tensor inputs and outputs (what a kernel reads
 and writes from HBM, ignoring cache reuse). View and metadata ops move nothing and are skipped.
-Rows are aggregated by (op, phase, module, input shapes) so identical launches become one row with
-a count; per-row time estimates therefore stay exact (`count` times one launch)."""
+The counter records one event per kernel; streams.py aggregates them by (op, phase, module, input
+shapes), so identical launches become one row with a count and per-row time estimates stay exact
+(`count` times one launch)."""
 
 from __future__ import annotations
 
@@ -37,24 +38,22 @@ def _tensor_bytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
 
 
-def _shapes(args: Any) -> str:
-    return ";".join(
-        "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}"
-        for t in tree_iter(args) if isinstance(t, torch.Tensor)
-    )
-
-
-@dataclass
-class OpRow:
-    count: int = 0
-    flops: int = 0
-    bytes: int = 0
+def _items(args: Any, out: Any) -> tuple[tuple[str, str, int], ...]:
+    """("a", "shape:dtype", bytes) per tensor argument, then ("o", "", bytes) per output."""
+    items = [("a", "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}",
+              t.numel() * t.element_size()) for t in tree_iter(args) if isinstance(t, torch.Tensor)]
+    items += [("o", "", t.numel() * t.element_size())
+              for t in tree_iter(out) if isinstance(t, torch.Tensor)]
+    return tuple(items)
 
 
 @dataclass(eq=False)
 class OpCounter(TorchDispatchMode):
+    """Appends one ((op, phase, module, weight, flops, write_only), items) event per executed
+    kernel to `events` (see streams.py, which aggregates them into op rows)."""
+
     ctx: StepContext
-    rows: dict[tuple[str, str, str, str], OpRow] = field(default_factory=dict)
+    events: list[tuple] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -74,16 +73,7 @@ class OpCounter(TorchDispatchMode):
             return out
         flop_fn = flop_registry.get(packet)
         flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
-        nbytes = _tensor_bytes(out) if name in _WRITE_ONLY else _tensor_bytes(args) + _tensor_bytes(out)
-        key = (str(packet).removeprefix("aten."), self.ctx.phase, self.ctx.module(), _shapes(args))
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = OpRow()
-        w = self.ctx.weight
-        row.count += w
-        row.flops += w * flops
-        row.bytes += w * nbytes
+        head = (str(packet).removeprefix("aten."), self.ctx.phase, self.ctx.module(),
+                self.ctx.weight, flops, name in _WRITE_ONLY)
+        self.events.append((head, _items(args, out)))
         return out
-
-    def total_flops(self, phase: str | None = None) -> int:
-        return sum(r.flops for (_, ph, _, _), r in self.rows.items() if phase in (None, ph))

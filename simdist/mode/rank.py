@@ -33,8 +33,10 @@ def _cache_counts() -> dict[str, int]:
             "size": info.size}
 
 
-def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
-    """`cache` (simdist.cache.warm.RankCache): the shared dispatch cache of this process."""
+def simulate_rank(task: RankTask, cache: RankCache | None = None,
+                  keep_streams: bool = False) -> RankTrace:
+    """Execute one rank's step in full. `cache` (simdist.cache.warm.RankCache): the shared
+    dispatch cache of this process; `keep_streams`: keep the event streams on the trace."""
     t0 = time.perf_counter()
     # --- shared dispatch cache (simdist/cache): warm FakeTensorMode's cache from the store ---
     if cache is not None:
@@ -93,7 +95,10 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     fields["wall_s"] = time.perf_counter() - t0
     fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
     fake_cache["size"] = cache1["size"]
-    return RankTrace(rank=task.rank, fake_cache=fake_cache, **fields)
+    trace = RankTrace(rank=task.rank, fake_cache=fake_cache, **fields)
+    if not keep_streams:
+        trace.streams = None
+    return trace
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:

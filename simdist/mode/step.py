@@ -19,11 +19,11 @@ from torch.utils._pytree import tree_iter
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 
-from simdist import schema
 from simdist.mode.collectives import CollectiveRecorder
 from simdist.mode.context import StepContext
 from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
+from simdist.mode.streams import StepStreams, summarize
 from simdist.parallel.checkpointing import observe_checkpoint_inputs
 
 
@@ -100,11 +100,12 @@ def record_step(
     # The parameters the optimizer updates (FSDP's sharded ones): a module's `parameters()` may
     # list unsharded views while FSDP holds them gathered.
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    streams = StepStreams()
     with fake_mode, recording(ctx, group_dims) as (colls, ops, mem):
         mem.track_existing(params, "param")
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
         mem.track_existing(resident, "buffer")
-        mem.reset_peak()
+        initial_live, initial_saved = mem.start()
         executed = run_microbatches(mem)
         with ctx.in_phase("optim"):
             param_bytes = _storage_bytes(params)
@@ -114,29 +115,14 @@ def record_step(
             optimizer.step()
             optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
             optimizer.zero_grad(set_to_none=True)
-    peak = mem.peak
-    activation = mem.saved_peak
-    other = max(0, peak - param_bytes - grad_bytes - optimizer_bytes - activation)
-    op_rows = [dict(op=k[0], phase=k[1], module=k[2], shapes=k[3], count=r.count,
-                    flops=r.flops, bytes=r.bytes) for k, r in ops.rows.items()]
-    coll_rows = [dict(op=k[0], kind=k[1], mesh_dim=k[2], group_size=k[3], bytes=k[4],
-                      phase=k[5], module=k[6], peer=k[7], count=r.count)
-                 for k, r in colls.rows.items()]
-    mem_rows = [dict(seq=e.seq, phase=e.phase, module=e.module, op=e.op, delta=e.delta,
-                     live=e.live) for e in mem.events]
-    ev = mem.peak_event
-    return dict(
-        peak_bytes=peak, param_bytes=param_bytes, grad_bytes=grad_bytes,
-        optimizer_bytes=optimizer_bytes, activation_bytes=activation, other_bytes=other,
-        peak_phase=ev.phase if ev else "", peak_module=ev.module if ev else "",
-        flops=ops.total_flops(), model_flops=3 * ops.total_flops("fwd"),
-        hbm_bytes=sum(r.bytes for r in ops.rows.values()),
-        comm_bytes=sum(k[4] * r.count for k, r in colls.rows.items()),
-        ops=schema.table(schema.OPS, op_rows),
-        collectives=schema.table(schema.COLLECTIVES, coll_rows),
-        memory=schema.table(schema.MEMORY, mem_rows),
-        executed_microbatches=executed, wall_s=time.perf_counter() - t0,
-    )
+    streams.memory, streams.ops, streams.collectives = mem.events, ops.events, colls.events
+    streams.scalars = dict(initial_live=initial_live, initial_saved=initial_saved,
+                           param_bytes=param_bytes, grad_bytes=grad_bytes,
+                           optimizer_bytes=optimizer_bytes, executed_microbatches=executed)
+    fields = summarize(streams)
+    fields["wall_s"] = time.perf_counter() - t0
+    fields["streams"] = streams
+    return fields
 
 
 def run_step(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from simdist.models import ModelSpec
+from simdist.mode.streams import StepStreams
 from simdist.parallel.mesh import MeshLayout
 
 
@@ -52,3 +53,8 @@ class RankTrace:
     executed_microbatches: int
     wall_s: float
     fake_cache: dict[str, int] = field(default_factory=dict)
+    # The step's event streams (mode/streams.py): kept in the worker for the layer memo, never
+    # sent to the coordinator (simulate_rank drops them unless asked).
+    streams: StepStreams | None = None
+    # How this trace was obtained: "full" execution or the layer memo ("memo", "memo-hit").
+    layer_memo: str = "full"
