@@ -50,6 +50,7 @@ class MemoryTracker(TorchDispatchMode):
     def __post_init__(self) -> None:
         super().__init__()
         self._resize_orig = None
+        self._closed = False
 
     # -- registration ---------------------------------------------------------------------
     def track(self, t: torch.Tensor, category: str = "other", op: str = "") -> None:
@@ -68,6 +69,12 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t, category, op="<resident>")
 
+    def close(self) -> list[tuple]:
+        """End the timeline: storages freed later (the model's teardown) are not the step's."""
+        events, self.events = self.events, []
+        self._closed = True
+        return events
+
     def start(self) -> tuple[int, int]:
         """Start the step's timeline here: returns (live, saved) bytes at this point."""
         self.events.clear()
@@ -75,7 +82,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- accounting -----------------------------------------------------------------------
     def _change(self, delta: int, op: str) -> None:
-        if delta == 0:
+        if delta == 0 or self._closed:
             return
         self.live += delta
         self.events.append((self.ctx.phase, self.ctx.module(), op, delta, 0))
@@ -99,7 +106,7 @@ class MemoryTracker(TorchDispatchMode):
         self._change(delta, "resize_")
 
     def _saved_change(self, delta: int) -> None:
-        if delta == 0:
+        if delta == 0 or self._closed:
             return
         self.saved_live += delta
         self.events.append((self.ctx.phase, self.ctx.module(), "", 0, delta))

@@ -15,6 +15,8 @@ from simdist.config import torch_dtype
 from simdist.models import build_model
 from simdist.mode.context import StepContext
 from simdist.mode.session import rank_session
+from simdist.mode.layer_memo import BASE_LAYERS, MemoPlan, fit_stream_model, memo_plan
+from simdist.mode.streams import summarize
 from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
 from simdist.mode.pipeline import run_pipeline_step
@@ -33,16 +35,48 @@ def _cache_counts() -> dict[str, int]:
             "size": info.size}
 
 
-def simulate_rank(task: RankTask, cache: RankCache | None = None,
-                  keep_streams: bool = False) -> RankTrace:
-    """Execute one rank's step in full. `cache` (simdist.cache.warm.RankCache): the shared
-    dispatch cache of this process; `keep_streams`: keep the event streams on the trace."""
+def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
+    """One rank's step: through the layer memo where it applies (mode/layer_memo.py), else
+    executed in full. `cache` (simdist.cache.warm.RankCache): the shared dispatch cache of this
+    process, warmed before and collected after the rank."""
     t0 = time.perf_counter()
     # --- shared dispatch cache (simdist/cache): warm FakeTensorMode's cache from the store ---
     if cache is not None:
         cache.before_rank()
     # --- end shared dispatch cache ---
     cache0 = _cache_counts()
+    plan = memo_plan(task) if task.layer_memo else None
+    trace = _through_memo(task, plan) if plan is not None else None
+    if trace is None:
+        trace = execute_rank(task)
+        if plan is not None:
+            trace.layer_memo = "fallback"
+    cache1 = _cache_counts()
+    # --- shared dispatch cache (simdist/cache): collect this rank's new entries (cache.last_delta)
+    if cache is not None:
+        cache.after_rank()
+    # --- end shared dispatch cache ---
+    trace.wall_s = time.perf_counter() - t0
+    trace.fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
+    trace.fake_cache["size"] = cache1["size"]
+    trace.streams = None
+    return trace
+
+
+def _through_memo(task: RankTask, plan: MemoPlan) -> RankTrace | None:
+    """Execute the rank with BASE_LAYERS, +1, +2 blocks per stage and rebuild the full depth;
+    None when the short steps do not fit the memo's model (the caller executes in full)."""
+    runs = [execute_rank(plan.reduced(task, BASE_LAYERS + i)).streams for i in range(3)]
+    model = fit_stream_model(runs)
+    if model is None:
+        return None
+    fields = summarize(model.streams(plan))
+    return RankTrace(rank=task.rank, wall_s=0.0, layer_memo="memo", **fields)
+
+
+def execute_rank(task: RankTask) -> RankTrace:
+    """Execute one rank's step in full; the trace keeps its event streams."""
+    t0 = time.perf_counter()
     ctx = StepContext(track_modules=not (task.layout.degree("pp") > 1
                                          and task.pp_schedule == "zero_bubble"))
     with rank_session(task.rank, task.layout.world_size, ctx):
@@ -87,18 +121,8 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None,
                               loss_parallel=plan.loss_parallel,
                               step_context=(partial(context_parallel, mesh["cp"]) if cp > 1
                                             else contextlib.nullcontext), **common)
-    cache1 = _cache_counts()
-    # --- shared dispatch cache (simdist/cache): collect this rank's new entries (cache.last_delta)
-    if cache is not None:
-        cache.after_rank()
-    # --- end shared dispatch cache ---
     fields["wall_s"] = time.perf_counter() - t0
-    fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
-    fake_cache["size"] = cache1["size"]
-    trace = RankTrace(rank=task.rank, fake_cache=fake_cache, **fields)
-    if not keep_streams:
-        trace.streams = None
-    return trace
+    return RankTrace(rank=task.rank, **fields)
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:

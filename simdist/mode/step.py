@@ -115,7 +115,7 @@ def record_step(
             optimizer.step()
             optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
             optimizer.zero_grad(set_to_none=True)
-    streams.memory, streams.ops, streams.collectives = mem.events, ops.events, colls.events
+    streams.memory, streams.ops, streams.collectives = mem.close(), ops.events, colls.events
     streams.scalars = dict(initial_live=initial_live, initial_saved=initial_saved,
                            param_bytes=param_bytes, grad_bytes=grad_bytes,
                            optimizer_bytes=optimizer_bytes, executed_microbatches=executed)

@@ -30,6 +30,8 @@ class RankTask:
     zero_stage: int = 3
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
+    # Rebuild deep stages from short ones (mode/layer_memo.py) where the memo applies.
+    layer_memo: bool = True
 
 
 @dataclass

@@ -1,0 +1,303 @@
+"""The layer memo: a rank whose stages hold m identical transformer blocks is executed with
+a, a+1 and a+2 blocks per stage (a = 2), and its step for m blocks is rebuilt from those.
+
+Why this is exact, and how it is checked: the blocks of a stage are the same module type with
+the same config, parameter shard layout, input metadata and checkpointing policy, so adding one
+block to a stage adds the same events (memory, ops, collectives) at the same places of the
+step, differing only in the block's index in module names. The memo finds those places by
+diffing the step with a blocks against the step with a+1 (module names made position-relative,
+blocks after the inserted one renumbered), then
+
+1. predicts the step with a+2 blocks from the two and requires it to equal the executed a+2
+   step event for event (otherwise the rank is executed in full: `FALLBACK`);
+2. builds the m-block step by inserting m-a copies at every place, renumbered, and aggregates
+   it with the same `summarize` as full execution.
+
+The result is the event streams full execution would record; tests compare both, row for row,
+on full models. Blocks execute 3a+3 times per rank instead of m (9 instead of 80 for Llama 3
+70B), whatever the depth.
+
+Where a place lies in backward the copies run in descending block order (autograd walks the
+stack backwards); elsewhere ascending. Foreach ops (the optimizer's) grow their tensor lists
+with the depth: their items are diffed the same way, one level down.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from simdist.mode.streams import SCALARS, StepStreams
+from simdist.parallel.pipeline import rank_stage_ids, split_layers, stages_per_rank
+
+BASE_LAYERS = 2  # a: the shortest stage executed; blocks 0 and a-1 stay first and last
+FAMILIES = ("llama3", "gpt")  # one block type throughout (MoE: dense first layers, per-layer routing)
+_LAYER = re.compile(r"^(.*?)(?:^|(?<=\.))layers\.(\d+)(\..*)?$")
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A module path inside a block, by the block's stage and position within the stage."""
+    prefix: str
+    stage: int
+    pos: int
+    suffix: str
+
+
+@dataclass(frozen=True)
+class MemoPlan:
+    """How the memo rebuilds this rank: its stages, their block count and first block index."""
+    stages: tuple[int, ...]
+    offsets: dict[int, int]
+    layers_per_stage: int
+    num_stages: int
+
+    def reduced(self, task: Any, per_stage: int) -> Any:
+        """`task` with `per_stage` blocks in every pipeline stage."""
+        model = replace(task.model, args=replace(task.model.args,
+                                                 n_layers=per_stage * self.num_stages))
+        pp_layers = (per_stage,) * self.num_stages if self.num_stages > 1 else None
+        return replace(task, model=model, pp_layers=pp_layers)
+
+
+def memo_plan(task: Any) -> MemoPlan | None:
+    """The plan for `task`, or None where the memo does not apply (another model family, stages
+    of this rank with different depths, or stages too short to gain)."""
+    if task.model.family not in FAMILIES or task.model.entrypoint or not task.model.n_layers:
+        return None
+    pp = task.layout.degree("pp")
+    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages) if pp > 1 else 1
+    num_stages = pp * per_rank
+    split = split_layers(task.model.n_layers, num_stages,
+                         list(task.pp_layers) if task.pp_layers else None)
+    stages = tuple(rank_stage_ids(task.layout.coords(task.rank)["pp"], pp, per_rank)
+                   if pp > 1 else [0])
+    depths = {len(split[s]) for s in stages}
+    if len(depths) != 1 or (m := depths.pop()) < BASE_LAYERS + 3:
+        return None
+    return MemoPlan(stages, {s: split[s][0] for s in stages}, m, num_stages)
+
+
+# --- module names <-> LayerRef -------------------------------------------------------------------
+
+# Where each stream's events keep their module path and phase (see streams.py).
+def _get_module(stream: str, ev: tuple) -> Any:
+    return ev[0][2] if stream == "ops" else ev[1] if stream == "memory" else ev[6]
+
+
+def _set_module(stream: str, ev: tuple, module: Any) -> tuple:
+    if stream == "ops":
+        head = ev[0]
+        return (head[:2] + (module,) + head[3:], ev[1])
+    i = 1 if stream == "memory" else 6
+    return ev[:i] + (module,) + ev[i + 1:]
+
+
+def _phase(stream: str, ev: tuple) -> str:
+    return ev[0][1] if stream == "ops" else ev[0] if stream == "memory" else ev[5]
+
+
+STREAMS = ("memory", "ops", "collectives")
+
+
+def _canonical(streams: StepStreams, per_stage: int) -> dict[str, list[tuple]]:
+    cache: dict[str, Any] = {}
+
+    def ref(module: str) -> Any:
+        if module not in cache:
+            m = _LAYER.match(module)
+            if m is None:
+                cache[module] = module
+            else:
+                stage, pos = divmod(int(m.group(2)), per_stage)
+                cache[module] = LayerRef(m.group(1), stage, pos, m.group(3) or "")
+        return cache[module]
+
+    return {name: [_set_module(name, ev, ref(_get_module(name, ev)))
+                   for ev in getattr(streams, name)] for name in STREAMS}
+
+
+def _moved(stream: str, events: list[tuple], fn: Callable[[LayerRef], Any]) -> list[tuple]:
+    out = []
+    for ev in events:
+        module = _get_module(stream, ev)
+        out.append(_set_module(stream, ev, fn(module)) if isinstance(module, LayerRef) else ev)
+    return out
+
+
+def _shift_after(stream: str, events: list[tuple], after: int, by: int) -> list[tuple]:
+    """Blocks at positions > `after` move `by` positions down the stage."""
+    return _moved(stream, events,
+                  lambda r: replace(r, pos=r.pos + by) if r.pos > after else r)
+
+
+# --- fitting the insertion model -----------------------------------------------------------------
+
+@dataclass
+class _Insert:
+    at: int  # index into the a-block stream before which the segment goes
+    segment: list[tuple]  # as in the (a+1)-block stream
+    # The copies of segment[:split] come first, then those of segment[split:]: a block whose
+    # events nest around the next one's (allocations ascending, frees descending) adds its
+    # two halves at one place of the a-block stream.
+    split: int = -1
+
+
+@dataclass
+class _Inner:
+    at: int
+    edits: list  # list[_Insert] over the event's items
+
+
+class FitError(Exception):
+    """The (a+1)-block step is not the a-block step plus inserted events."""
+
+
+def _insertions(old: list, new: list, inner: bool) -> list:
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    edits: list = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        if tag == "insert":
+            edits.append(_Insert(i1, new[j1:j2]))
+        elif tag == "replace" and inner:
+            # Foreach ops (same kernel, longer tensor lists), maybe next to inserted ops: align
+            # the block by op heads.
+            heads = difflib.SequenceMatcher(None, [t[0] for t in old[i1:i2]],
+                                            [t[0] for t in new[j1:j2]], autojunk=False)
+            for tag2, a1, a2, b1, b2 in heads.get_opcodes():
+                if tag2 == "insert":
+                    edits.append(_Insert(i1 + a1, new[j1 + b1:j1 + b2]))
+                elif tag2 != "equal":
+                    raise FitError(f"{tag2} of ops at {i1 + a1}:{i1 + a2}")
+                for k in range(a2 - a1 if tag2 == "equal" else 0):
+                    o, n = old[i1 + a1 + k], new[j1 + b1 + k]
+                    if o != n:
+                        edits.append(_Inner(i1 + a1 + k, _insertions(list(o[1]), list(n[1]),
+                                                                     False)))
+        else:
+            raise FitError(f"{tag} at {i1}:{i2} -> {j1}:{j2}")
+    return edits
+
+
+def _copies(stream: str, part: list[tuple], extra: int) -> list[tuple]:
+    """`extra` copies of the events one block adds, renumbered (as recorded, the new block is
+    at position after+1; copy k is at after+k), in the order the blocks run there."""
+    if not part:
+        return []
+    descending = _phase(stream, part[0]) == "bwd"
+    out: list[tuple] = []
+    for k in (range(extra, 0, -1) if descending else range(1, extra + 1)):
+        out.extend(_moved(stream, part, lambda r, d=k - 1: replace(r, pos=r.pos + d)))
+    return out
+
+
+def _render(stream: str, e: _Insert, split: int, extra: int) -> list[tuple]:
+    return _copies(stream, e.segment[:split], extra) + _copies(stream, e.segment[split:], extra)
+
+
+def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra: int,
+                target: list[tuple] | None = None) -> list[tuple]:
+    """The stream with `extra` blocks inserted after position `after` of every stage. With
+    `target` (the executed stream for that depth), the edits' splits are chosen to reproduce
+    it, and FitError is raised where none does."""
+    base = _shift_after(stream, short, after, extra)
+    out: list[tuple] = []
+    cursor = 0
+
+    def check(upto: int) -> None:
+        if target is not None and target[len(out) - upto:len(out)] != out[len(out) - upto:]:
+            raise FitError(f"prediction differs before event {len(out)}")
+
+    for e in edits:
+        chunk = base[cursor:e.at]
+        out.extend(chunk)
+        check(len(chunk))
+        cursor = e.at
+        if isinstance(e, _Inner):
+            head, items = base[e.at]
+            out.append((head, tuple(_repeat_items(list(items), e.edits, extra))))
+            check(1)
+            cursor += 1
+            continue
+        if target is not None:
+            at = len(out)
+            for split in [len(e.segment)] + list(range(1, len(e.segment))):
+                rendered = _render(stream, e, split, extra)
+                if target[at:at + len(rendered)] == rendered:
+                    e.split = split
+                    break
+            else:
+                raise FitError(f"no split of the segment inserted at {e.at} fits")
+        out.extend(_render(stream, e, e.split, extra))
+    out.extend(base[cursor:])
+    if target is not None and out != target:
+        raise FitError("prediction differs at the end")
+    return out
+
+
+def _repeat_items(items: list, edits: list[_Insert], extra: int) -> list:
+    out, cursor = [], 0
+    for e in edits:
+        out.extend(items[cursor:e.at])
+        cursor = e.at
+        out.extend(e.segment * extra)
+    out.extend(items[cursor:])
+    return out
+
+
+def fit(stream: str, short: list[tuple], longer: list[tuple], longest: list[tuple],
+        after: int) -> list:
+    """Edits that turn the a-block stream into the (a+1)-block one (block `after + 1` is new),
+    with their splits chosen so that two copies give the (a+2)-block stream; FitError if the
+    streams are not of that form."""
+    edits = _insertions(_shift_after(stream, short, after, 1), longer, inner=stream == "ops")
+    extrapolate(stream, short, edits, after, 2, target=longest)
+    return edits
+
+
+# --- the memo --------------------------------------------------------------------------------------
+
+@dataclass
+class StreamModel:
+    """Everything needed to rebuild the step of any depth: the a-block streams and the edits
+    that one more block per stage makes, plus the scalars' per-block increments."""
+    short: dict[str, list[tuple]]
+    edits: dict[str, list]
+    scalars: dict[str, int]
+    scalar_steps: dict[str, int]
+
+    def streams(self, plan: MemoPlan) -> StepStreams:
+        extra = plan.layers_per_stage - BASE_LAYERS
+        after = BASE_LAYERS - 2
+        out = StepStreams()
+        for name in STREAMS:
+            events = extrapolate(name, self.short[name], self.edits[name], after, extra)
+            setattr(out, name, _moved(name, events, lambda r: _module_name(r, plan)))
+        out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
+        return out
+
+
+def _module_name(r: LayerRef, plan: MemoPlan) -> str:
+    return f"{r.prefix}layers.{plan.offsets[r.stage] + r.pos}{r.suffix}"
+
+
+def fit_stream_model(runs: list[StepStreams]) -> StreamModel | None:
+    """From the a, a+1, a+2 block steps: the stream model, or None if the a+2 step is not what
+    it predicts (then the memo does not apply and the rank is executed in full)."""
+    canon = [_canonical(s, BASE_LAYERS + i) for i, s in enumerate(runs)]
+    after = BASE_LAYERS - 2
+    try:
+        edits = {name: fit(name, canon[0][name], canon[1][name], canon[2][name], after)
+                 for name in STREAMS}
+    except FitError:
+        return None
+    s0, s1, s2 = (r.scalars for r in runs)
+    steps = {k: s1[k] - s0[k] for k in SCALARS}
+    if any(s2[k] - s1[k] != steps[k] for k in SCALARS):
+        return None
+    return StreamModel(canon[0], edits, dict(s0), steps)
