@@ -213,6 +213,9 @@ class SimulationConfig(BaseModel):
     ] = "auto"
     cache_dir: str = "~/.cache/simdist"
     rank_timeout_s: PositiveFloat = 600.0
+    # Rebuild deep pipeline stages from 2-, 3- and 4-block executions (exact; see
+    # simdist/mode/layer_memo.py). false: execute every block.
+    layer_memo: bool = True
 
 
 class SimdistConfig(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import simdist
+from simdist.cache.store import resolve_dir
 from simdist.config import ConfigError, SimdistConfig
 from simdist.costmodel import UnknownGPU, gpu_spec
 from simdist.models import ModelError, ModelSpec, build_model, count_params, entrypoint_spec, resolve_model
@@ -91,7 +92,8 @@ def expert_loads(spec: ModelSpec, cfg: SimdistConfig, layout: MeshLayout) -> lis
         raise ConfigError("training.routing", str(e)) from None
 
 
-def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) -> RankTask:
+def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int,
+          use_cache: bool = True) -> RankTask:
     t = cfg.training
     return RankTask(rank=rank, layout=layout, model=spec, seq_len=t.seq_len,
                     micro_batch=t.micro_batch, num_microbatches=cfg.num_microbatches,
@@ -101,7 +103,10 @@ def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int) ->
                     pp_schedule=cfg.parallel.pp_schedule,
                     pp_virtual_stages=cfg.parallel.pp_virtual_stages,
                     pp_layers=tuple(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None,
-                    zero_stage=cfg.parallel.zero_stage)
+                    zero_stage=cfg.parallel.zero_stage,
+                    layer_memo=use_cache and cfg.simulation.layer_memo,
+                    layer_cache_dir=(str(resolve_dir(cfg.simulation.cache_dir))
+                                     if use_cache else None))
 
 
 @contextmanager
@@ -199,12 +204,12 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
     if exhaustive:
         classes = [[r] for r in range(layout.world_size)]
         reps = list(range(layout.world_size))
-    tasks = [_task(cfg, spec, layout, r) for r in reps]
+    tasks = [_task(cfg, spec, layout, r, use_cache) for r in reps]
     with ray_session(address) as ray_address:
         import ray
 
         # --- shared dispatch cache (simdist/cache) ---
-        from simdist.cache.session import RunCache, disabled_summary
+        from simdist.cache.session import RunCache, disabled_summary, layer_summary
 
         start_cache = (lambda: RunCache.start(cfg.simulation.cache_dir, gpu)) if use_cache else None
         # --- end shared dispatch cache ---
@@ -213,6 +218,7 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
             start_cache)
         # --- shared dispatch cache: write back, fill plan.json `cache` ---
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
+        cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
         # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     if exhaustive:

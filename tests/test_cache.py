@@ -380,7 +380,8 @@ def test_second_run_is_warm(tmp_path):
     from simdist.coordinator import simulate
 
     cfg = load_config({
-        "model": {"preset": "llama3-debug"}, "training": {"seq_len": 128, "micro_batch": 1},
+        "model": {"preset": "llama3-debug", "n_layers": 6},
+        "training": {"seq_len": 128, "micro_batch": 1},
         "parallel": {"dp_shard": -1}, "cluster": {"gpu": "h100-sxm", "gpus_per_node": 2, "nodes": 1},
         "simulation": {"cache_dir": str(tmp_path / "c"), "workers": 1},
     })
@@ -393,8 +394,12 @@ def test_second_run_is_warm(tmp_path):
         ray.shutdown()
     assert cold["cache"]["enabled"] and cold["cache"]["new_entries"] > 0
     assert warm["cache"]["misses"] == 0 and warm["cache"]["loaded"] == cold["cache"]["size"]
-    assert warm["cache"]["layer"] == {"hits": 0, "misses": 0, "size": 0}
+    # layer level: the cold run fits and stores the memo model, the warm run executes nothing
+    assert cold["cache"]["layer"]["misses"] == 1 and cold["cache"]["layer"]["size"] == 1
+    assert cold["cache"]["layer"]["blocks_executed"] == 9  # 2 + 3 + 4 blocks for a 6-block rank
+    assert warm["cache"]["layer"]["hits"] == 1 and warm["cache"]["layer"]["blocks_executed"] == 0
     assert off["cache"]["enabled"] is False and off["cache"]["misses"] > 0
+    assert off["cache"]["layer"]["full"] == 1 and off["cache"]["layer"]["blocks_executed"] == 6
     for k in ("peak_bytes_max", "model_flops_per_step"):
         assert cold[k] == warm[k] == off[k]
     # Sums of per-op floats: the op rows' order follows module attribution, not the cache.

@@ -85,3 +85,39 @@ def test_memo_reports_fallback_and_still_answers_exactly() -> None:
     assert tr.layer_memo == "fallback"
     full = run_rank(model, layer_memo=False, **kw)
     assert tr.peak_bytes == full.peak_bytes and tr.ops.equals(full.ops)
+
+
+def test_layer_store_round_trip_rebuilds_without_executing(tmp_path) -> None:
+    model = spec("llama3-debug", n_layers=6)
+    kw = dict(dp_shard=2, tp=2, num_microbatches=2, layer_cache_dir=str(tmp_path))
+    cold = run_rank(model, **kw)
+    warm = run_rank(model, **kw)
+    assert (cold.layer_memo, cold.blocks_executed, cold.blocks_total) == ("memo", 9, 6)
+    assert (warm.layer_memo, warm.blocks_executed) == ("memo-hit", 0)
+    assert warm.fake_cache["misses"] == warm.fake_cache["hits"] == 0  # nothing dispatched
+    for table in ("ops", "collectives", "memory"):
+        assert getattr(warm, table).equals(getattr(cold, table))
+    # another depth of the same block reuses the stored model
+    deeper = run_rank(spec("llama3-debug", n_layers=10), **kw)
+    assert deeper.layer_memo == "memo-hit" and deeper.blocks_total == 10
+    full = run_rank(spec("llama3-debug", n_layers=10), dp_shard=2, tp=2, num_microbatches=2,
+                    layer_memo=False)
+    assert deeper.memory.equals(full.memory) and deeper.ops.equals(full.ops)
+
+
+def test_corrupt_layer_store_file_is_reported_and_ignored(tmp_path) -> None:
+    from simdist.cache.layers import LayerStore
+    from simdist.cache.store import CacheWarning
+
+    model = spec("llama3-debug", n_layers=6)
+    kw = dict(dp_shard=2, num_microbatches=1, layer_cache_dir=str(tmp_path))
+    good = run_rank(model, **kw)
+    import torch
+
+    (path,) = LayerStore.open(str(tmp_path), torch.__version__).files()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(CacheWarning, match="ignoring"):
+        again = run_rank(model, **kw)
+    assert again.layer_memo == "memo" and again.memory.equals(good.memory)
+    assert (tmp_path / "quarantine" / path.name).exists()

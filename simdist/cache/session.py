@@ -59,9 +59,33 @@ class _InDriver:
         return _Method
 
 
-def _layer() -> dict[str, int]:
-    # The layer memo (identical layers simulated once) reports here; not built yet.
-    return {"hits": 0, "misses": 0, "size": 0}
+def layer_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
+    """plan.json `cache.layer`: how each class's blocks were obtained (mode/layer_memo.py).
+    hits: memo models read from the layer store (nothing executed); misses: classes executed
+    short and fitted (then stored); fallbacks: memo tried, did not fit, executed in full; full:
+    memo not applicable or off. size / bytes: models in the store after the run."""
+    status = Counter(tr.layer_memo for tr in traces)
+    out: dict[str, Any] = dict(
+        enabled=cache_dir is not None, hits=status["memo-hit"], misses=status["memo"],
+        fallbacks=status["fallback"], full=status["full"],
+        blocks_executed=sum(tr.blocks_executed for tr in traces),
+        blocks_total=sum(tr.blocks_total for tr in traces), size=0, bytes=0)
+    if cache_dir is not None:
+        import torch
+
+        from simdist.cache.layers import LayerStore
+
+        files = LayerStore.open(cache_dir, torch.__version__).files()
+        out["size"] = len(files)
+        out["bytes"] = sum(_file_size(p) for p in files)
+    return out
+
+
+def _file_size(p: Any) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
 
 
 def _op_counts(traces: list) -> dict[str, int]:
@@ -81,7 +105,7 @@ def _rate(c: dict[str, int]) -> float:
 def disabled_summary(traces: list) -> dict[str, Any]:
     """plan.json `cache` for --no-cache: the in-process counters only."""
     c = _op_counts(traces)
-    return dict(enabled=False, **c, hit_rate=_rate(c), layer=_layer())
+    return dict(enabled=False, **c, hit_rate=_rate(c))
 
 
 class RunCache:
@@ -186,5 +210,4 @@ class RunCache:
                 rank_cpu_s=self.rank_cpu_s,  # CPU seconds of the ranks in the workers
             ),
             warnings=res.get("problems", []),
-            layer=_layer(),
         )

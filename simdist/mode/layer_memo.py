@@ -63,22 +63,34 @@ class MemoPlan:
         return replace(task, model=model, pp_layers=pp_layers)
 
 
+def _rank_depths(task: Any) -> tuple[list[int], list[list[int]], int]:
+    """This rank's stage ids, every stage's layer indices, and the number of stages."""
+    pp = task.layout.degree("pp")
+    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages) if pp > 1 else 1
+    num_stages = pp * per_rank
+    split = split_layers(task.model.n_layers or 0, num_stages,
+                         list(task.pp_layers) if task.pp_layers else None)
+    stages = (rank_stage_ids(task.layout.coords(task.rank)["pp"], pp, per_rank)
+              if pp > 1 else [0])
+    return stages, split, num_stages
+
+
+def rank_blocks(task: Any) -> int:
+    """Transformer blocks this rank holds (over all its pipeline stages)."""
+    stages, split, _ = _rank_depths(task)
+    return sum(len(split[s]) for s in stages)
+
+
 def memo_plan(task: Any) -> MemoPlan | None:
     """The plan for `task`, or None where the memo does not apply (another model family, stages
     of this rank with different depths, or stages too short to gain)."""
     if task.model.family not in FAMILIES or task.model.entrypoint or not task.model.n_layers:
         return None
-    pp = task.layout.degree("pp")
-    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages) if pp > 1 else 1
-    num_stages = pp * per_rank
-    split = split_layers(task.model.n_layers, num_stages,
-                         list(task.pp_layers) if task.pp_layers else None)
-    stages = tuple(rank_stage_ids(task.layout.coords(task.rank)["pp"], pp, per_rank)
-                   if pp > 1 else [0])
+    stages, split, num_stages = _rank_depths(task)
     depths = {len(split[s]) for s in stages}
     if len(depths) != 1 or (m := depths.pop()) < BASE_LAYERS + 3:
         return None
-    return MemoPlan(stages, {s: split[s][0] for s in stages}, m, num_stages)
+    return MemoPlan(tuple(stages), {s: split[s][0] for s in stages}, m, num_stages)
 
 
 # --- module names <-> LayerRef -------------------------------------------------------------------
@@ -271,6 +283,20 @@ class StreamModel:
     scalars: dict[str, int]
     scalar_steps: dict[str, int]
 
+    def to_parts(self) -> dict[str, Any]:
+        """JSON-able parts (the layer store's format, simdist/cache/layers.py)."""
+        parts: dict[str, Any] = {"scalars": self.scalars, "scalar_steps": self.scalar_steps}
+        for n in STREAMS:
+            parts[f"short.{n}"] = _to_json(self.short[n])
+            parts[f"edits.{n}"] = _edits_to_json(self.edits[n])
+        return parts
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any]) -> StreamModel:
+        return cls(short={n: list(_from_json(parts[f"short.{n}"])) for n in STREAMS},
+                   edits={n: _edits_from_json(parts[f"edits.{n}"]) for n in STREAMS},
+                   scalars=parts["scalars"], scalar_steps=parts["scalar_steps"])
+
     def streams(self, plan: MemoPlan) -> StepStreams:
         extra = plan.layers_per_stage - BASE_LAYERS
         after = BASE_LAYERS - 2
@@ -280,6 +306,32 @@ class StreamModel:
             setattr(out, name, _moved(name, events, lambda r: _module_name(r, plan)))
         out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
         return out
+
+
+def _to_json(x: Any) -> Any:
+    if isinstance(x, LayerRef):
+        return {"L": [x.prefix, x.stage, x.pos, x.suffix]}
+    if isinstance(x, (tuple, list)):
+        return [_to_json(v) for v in x]
+    return x
+
+
+def _from_json(x: Any) -> Any:
+    if isinstance(x, list):
+        return tuple(_from_json(v) for v in x)
+    if isinstance(x, dict):
+        return LayerRef(*x["L"])
+    return x
+
+
+def _edits_to_json(edits: list) -> list:
+    return [{"inner": e.at, "edits": _edits_to_json(e.edits)} if isinstance(e, _Inner)
+            else {"at": e.at, "split": e.split, "segment": _to_json(e.segment)} for e in edits]
+
+
+def _edits_from_json(rows: list) -> list:
+    return [_Inner(r["inner"], _edits_from_json(r["edits"])) if "inner" in r
+            else _Insert(r["at"], list(_from_json(r["segment"])), r["split"]) for r in rows]
 
 
 def _module_name(r: LayerRef, plan: MemoPlan) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -15,7 +17,9 @@ from simdist.config import torch_dtype
 from simdist.models import build_model
 from simdist.mode.context import StepContext
 from simdist.mode.session import rank_session
-from simdist.mode.layer_memo import BASE_LAYERS, MemoPlan, fit_stream_model, memo_plan
+from simdist.cache.layers import LayerStore
+from simdist.mode.layer_memo import (BASE_LAYERS, MemoPlan, StreamModel, fit_stream_model,
+                                     memo_plan, rank_blocks)
 from simdist.mode.streams import summarize
 from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
@@ -49,6 +53,7 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     trace = _through_memo(task, plan) if plan is not None else None
     if trace is None:
         trace = execute_rank(task)
+        trace.blocks_executed = trace.blocks_total = rank_blocks(task)
         if plan is not None:
             trace.layer_memo = "fallback"
     cache1 = _cache_counts()
@@ -64,14 +69,29 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
 
 
 def _through_memo(task: RankTask, plan: MemoPlan) -> RankTrace | None:
-    """Execute the rank with BASE_LAYERS, +1, +2 blocks per stage and rebuild the full depth;
-    None when the short steps do not fit the memo's model (the caller executes in full)."""
-    runs = [execute_rank(plan.reduced(task, BASE_LAYERS + i)).streams for i in range(3)]
-    model = fit_stream_model(runs)
-    if model is None:
+    """Rebuild the rank from its memo model: read from the layer store, or fitted to the rank
+    executed with BASE_LAYERS, +1, +2 blocks per stage (and stored). None when the short steps
+    do not fit the memo's model (the caller executes in full; the store remembers that too)."""
+    store = (LayerStore.open(task.layer_cache_dir, torch.__version__)
+             if task.layer_cache_dir else None)
+    key = store.key(replace(plan.reduced(task, BASE_LAYERS), layer_cache_dir=None)) if store else ""
+    parts = store.get(key) if store is not None else None
+    executed = 0
+    if parts is not None and parts.get("fallback"):
         return None
+    if parts is not None:
+        model, status = StreamModel.from_parts(parts), "memo-hit"
+    else:
+        runs = [execute_rank(plan.reduced(task, BASE_LAYERS + i)).streams for i in range(3)]
+        executed = (3 * BASE_LAYERS + 3) * len(plan.stages)
+        model, status = fit_stream_model(runs), "memo"
+        if store is not None:
+            store.put(key, model.to_parts() if model is not None else {"fallback": True})
+        if model is None:
+            return None
     fields = summarize(model.streams(plan))
-    return RankTrace(rank=task.rank, wall_s=0.0, layer_memo="memo", **fields)
+    return RankTrace(rank=task.rank, wall_s=0.0, layer_memo=status, blocks_executed=executed,
+                     blocks_total=plan.layers_per_stage * len(plan.stages), **fields)
 
 
 def execute_rank(task: RankTask) -> RankTrace:

@@ -30,8 +30,10 @@ class RankTask:
     zero_stage: int = 3
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
-    # Rebuild deep stages from short ones (mode/layer_memo.py) where the memo applies.
+    # Rebuild deep stages from short ones (mode/layer_memo.py) where the memo applies, and
+    # keep / reuse the memo's models in this cache dir (simdist/cache/layers.py; None: no store).
     layer_memo: bool = True
+    layer_cache_dir: str | None = None
 
 
 @dataclass
@@ -58,5 +60,9 @@ class RankTrace:
     # The step's event streams (mode/streams.py): kept in the worker for the layer memo, never
     # sent to the coordinator (simulate_rank drops them unless asked).
     streams: StepStreams | None = None
-    # How this trace was obtained: "full" execution or the layer memo ("memo", "memo-hit").
+    # How this trace was obtained: "full" execution (memo not applicable or off), "fallback"
+    # (memo tried, did not fit), "memo" (short stages executed), "memo-hit" (memo model read
+    # from the layer store, nothing executed); blocks executed vs blocks on this rank.
     layer_memo: str = "full"
+    blocks_executed: int = 0
+    blocks_total: int = 0
