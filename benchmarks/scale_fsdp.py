@@ -10,8 +10,10 @@ preparing the plan, starting the rank actors, simulating one rank per equivalenc
     python benchmarks/scale_fsdp.py --seq-len 2048 --repeats 1
     python benchmarks/scale_fsdp.py --repeats 3 --wait-load 2   # on a shared machine
 
-The shared dispatch cache is off by default (`--cache cold`: a fresh empty cache per sample), so
-no sample profits from an earlier one.
+Every sample starts from a fresh, empty cache dir (`--cache cold`, the default), so no sample
+profits from an earlier one; the layer memo (identical blocks executed once per class, see
+simdist/mode/layer_memo.py) runs as in a user's first `simdist run`. `--cache off` is
+`--no-cache`: both cache levels off, every block executed.
 
 Writes benchmarks/results/scale_fsdp.json (override with --out).
 """
@@ -109,6 +111,7 @@ def one_run(nodes: int, seq_len: int, workers: int | None, cache: str) -> dict:
         "prepare_s": prepare_s,
         # 1-minute load average before/after: other work on the machine inflates the wall time
         "loadavg_1m": [load_before, os.getloadavg()[0]],
+        "layer": s["cache"].get("layer"),
         "peak_bytes_max": s["peak_bytes_max"],
         "fits": s["fits"],
         "step_time_s": s["step_time_s"],
@@ -123,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="nodes of 8 GPUs for the two sizes (default 1 128: 8 vs 1024 GPUs)")
     ap.add_argument("--repeats", type=int, default=2, help="samples per size (alternating order)")
     ap.add_argument("--workers", type=int, default=None, help="rank actors (default: auto = CPUs)")
-    ap.add_argument("--cache", choices=["off", "cold"], default="off",
-                    help="shared dispatch cache: off (use_cache=False, the default: the simulation "
-                         "alone) or cold (a fresh empty cache dir per sample)")
+    ap.add_argument("--cache", choices=["off", "cold"], default="cold",
+                    help="cold (the default: a fresh empty cache dir per sample, layer memo on) "
+                         "or off (use_cache=False: no dispatch cache, no layer memo)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale_fsdp.json"))
     ap.add_argument("--wait-load", type=float, default=None, metavar="L",
                     help="on a shared machine: before each sample wait (up to 10 min) until the "
