@@ -14,6 +14,11 @@ from torch.distributed._tools.mod_tracker import ModTracker
 PHASES = ("init", "fwd", "bwd", "optim")
 
 
+def _module_order(name: str) -> tuple:
+    return (name.count("."),
+            tuple((0, int(seg), "") if seg.isdigit() else (1, 0, seg) for seg in name.split(".")))
+
+
 class StepContext:
     """Mutable cursor read by every recorder on every op."""
 
@@ -42,8 +47,10 @@ class StepContext:
         if not parents:
             return ""
         # Deepest module; ties (sibling modules whose backward hooks are open together, e.g.
-        # wq/wk/wv sharing one input) break by name, so attribution is deterministic.
-        best = max(parents, key=lambda name: (name.count("."), name))
+        # wq/wk/wv sharing one input, or two blocks in backward) break by name, numbers compared
+        # as numbers (layers.10 after layers.9), so attribution is deterministic and does not
+        # depend on how many digits a block index has.
+        best = max(parents, key=_module_order)
         # ModTracker names the root module by its class ("FSDPLlama3.layers.0"); report FQNs
         # relative to the model, without wrapper segments.
         _, _, fqn = best.partition(".")
