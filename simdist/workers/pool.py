@@ -14,16 +14,14 @@ ACTOR_MEMORY_BYTES = 400 * 2**20
 
 
 def pool_size(requested: int | str | None, num_tasks: int) -> int:
-    """`auto`: one actor per CPU of the cluster, never more actors than tasks; but when there
-    are at most twice as many tasks as CPUs, one actor per task. Rank simulations are
-    independent CPU-bound jobs: with 3 tasks on 2 CPUs, two actors finish in 2 rounds while three
-    time-share the CPUs and finish in 1.5 (for many tasks the rounds even out and more actors
-    would only cost memory)."""
+    """`auto`: one actor per CPU of the cluster, never more actors than tasks. Rank simulations
+    are independent CPU-bound jobs, and with the layer memo a class costs about what starting
+    an actor costs (importing torch: ~2.8 s here): an actor beyond the CPUs only adds its
+    start-up (measured: 3 classes on 2 CPUs, 3 actors 12.5 s vs 2 actors, see
+    benchmarks/README.md)."""
     if isinstance(requested, int):
         return max(1, min(requested, num_tasks))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if num_tasks <= 2 * cpus:
-        return max(1, num_tasks)
     return max(1, min(cpus, num_tasks))
 
 
