@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from simdist.cache.store import CacheWarning, max_bytes_default, resolve_dir
+from simdist.cache.store import CacheWarning, _size, max_bytes_default, resolve_dir
 
 MEMO_FORMAT = 1
 _SCHEMA = pa.schema([("part", pa.string()), ("json", pa.large_string())])
@@ -127,6 +127,11 @@ class LayerStore:
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("*.arrow")) if self.dir.is_dir() else []
+
+    def usage(self) -> tuple[int, int]:
+        """(models stored, bytes on disk)."""
+        files = self.files()
+        return len(files), sum(_size(p) for p in files)
 
     def _evict(self) -> None:
         files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.files()]

@@ -75,17 +75,8 @@ def layer_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
 
         from simdist.cache.layers import LayerStore
 
-        files = LayerStore.open(cache_dir, torch.__version__).files()
-        out["size"] = len(files)
-        out["bytes"] = sum(_file_size(p) for p in files)
+        out["size"], out["bytes"] = LayerStore.open(cache_dir, torch.__version__).usage()
     return out
-
-
-def _file_size(p: Any) -> int:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return 0
 
 
 def _op_counts(traces: list) -> dict[str, int]:

@@ -6,6 +6,7 @@ Shared by the recording modes so that each stays one concern."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from torch.distributed._tools.mod_tracker import ModTracker
 PHASES = ("init", "fwd", "bwd", "optim")
 
 
+@functools.lru_cache(maxsize=4096)  # called for every parent on every op: names repeat
 def _module_order(name: str) -> tuple:
     return (name.count("."),
             tuple((0, int(seg), "") if seg.isdigit() else (1, 0, seg) for seg in name.split(".")))

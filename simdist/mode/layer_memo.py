@@ -34,6 +34,7 @@ from simdist.mode.streams import SCALARS, StepStreams
 from simdist.parallel.pipeline import rank_stage_ids, split_layers, stages_per_rank
 
 BASE_LAYERS = 2  # a: the shortest stage executed; blocks 0 and a-1 stay first and last
+_AFTER = BASE_LAYERS - 2  # new blocks go after this position (before the stage's last block)
 FAMILIES = ("llama3", "gpt")  # one block type throughout (MoE: dense first layers, per-layer routing)
 _LAYER = re.compile(r"^(.*?)(?:^|(?<=\.))layers\.(\d+)(\..*)?$")
 
@@ -299,10 +300,9 @@ class StreamModel:
 
     def streams(self, plan: MemoPlan) -> StepStreams:
         extra = plan.layers_per_stage - BASE_LAYERS
-        after = BASE_LAYERS - 2
         out = StepStreams()
         for name in STREAMS:
-            events = extrapolate(name, self.short[name], self.edits[name], after, extra)
+            events = extrapolate(name, self.short[name], self.edits[name], _AFTER, extra)
             setattr(out, name, _moved(name, events, lambda r: _module_name(r, plan)))
         out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
         return out
@@ -342,9 +342,8 @@ def fit_stream_model(runs: list[StepStreams]) -> StreamModel | None:
     """From the a, a+1, a+2 block steps: the stream model, or None if the a+2 step is not what
     it predicts (then the memo does not apply and the rank is executed in full)."""
     canon = [_canonical(s, BASE_LAYERS + i) for i, s in enumerate(runs)]
-    after = BASE_LAYERS - 2
     try:
-        edits = {name: fit(name, canon[0][name], canon[1][name], canon[2][name], after)
+        edits = {name: fit(name, canon[0][name], canon[1][name], canon[2][name], _AFTER)
                  for name in STREAMS}
     except FitError:
         return None
