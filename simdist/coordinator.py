@@ -159,39 +159,49 @@ class Progress:
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
                      progress: bool, start_cache: Callable[[], Any] | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
-    from simdist.workers.pool import pool_size, start_workers
+    """Simulate every task (one per rank class) on a pool of actors. A layer-memo rank is three
+    short executions and a build, each its own call (so one rank's steps run side by side), and
+    its model goes to / comes from the layer store here, on the driver's node."""
+    from simdist.mode.rank import open_memo
+    from simdist.workers.pool import ActorPool, pool_size, start_workers
 
-    n = pool_size(n_workers, len(tasks))
-    actors = start_workers(n)
+    jobs = [open_memo(t) for t in tasks]
+    concurrent = sum((len(j.short_tasks()) if j is not None else 0) or 1 for j in jobs)
+    actors = start_workers(pool_size(n_workers, max(1, concurrent)))
     # --- shared dispatch cache (simdist/cache): its service starts after the rank actors were
     # requested, so it does not take their start-up slots; nothing waits for it here ---
     run_cache = start_cache() if start_cache is not None else None
     # --- end shared dispatch cache ---
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(tasks)):
-        queue.put_nowait(i)
-    results: list[RankTrace | None] = [None] * len(tasks)
-    nodes: set[str] = set()
+    pool = ActorPool(actors, timeout_s, run_cache)
     bar = Progress(len(tasks), progress)
 
-    async def drive(actor: Any) -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            if run_cache is None:
-                trace, node = await asyncio.wait_for(actor.simulate.remote(tasks[i]), timeout_s)
-            else:  # shared dispatch cache: warm from the snapshot, hand back new entries
-                trace, node, delta = await asyncio.wait_for(
-                    actor.simulate_cached.remote(tasks[i], run_cache.arg), timeout_s)
-                run_cache.merge(delta)
-            results[i] = trace
-            nodes.add(node)
-            bar.advance()
+    async def one(task: RankTask, job: Any) -> RankTrace:
+        trace = await _simulate(pool, task, job)
+        bar.advance()
+        return trace
 
     try:
-        await asyncio.gather(*(drive(a) for a in actors))
+        traces = await asyncio.gather(*(one(t, j) for t, j in zip(tasks, jobs)))
     finally:
         bar.close()
-    return [r for r in results if r is not None], nodes, len(actors), run_cache
+        await pool.close()
+    return list(traces), pool.nodes, len(actors), run_cache
+
+
+async def _simulate(pool: Any, task: RankTask, job: Any) -> RankTrace:
+    """One rank: executed in full, or through its memo job (simdist.mode.rank.MemoJob)."""
+    from simdist.mode.rank import store_memo
+
+    if job is None:
+        return await pool.execute(task)
+    units = list(await asyncio.gather(*(pool.execute(t, keep_streams=True)
+                                        for t in job.short_tasks())))
+    trace, parts, build_s = (None, None, 0.0) if job.fallback else await pool.build(
+        job, [u.streams for u in units])
+    store_memo(job, parts)
+    if trace is None:  # the short steps do not fit the memo's model: execute in full
+        units.append(await pool.execute(task))
+    return job.account(trace, units, build_s)
 
 
 async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,

@@ -1,6 +1,8 @@
 """The layer level of the shared cache: layer-memo models (mode/layer_memo.StreamModel) kept
-on disk as Arrow IPC (the model's named parts, StreamModel.to_parts, as JSON), so a rank class simulated once is rebuilt for any depth, by any actor or
-later run, without executing anything.
+on disk as Arrow IPC (the model's named parts, StreamModel.to_parts, as JSON), so a rank class
+simulated once is rebuilt for any depth by any later run, without executing anything. Only the
+coordinator reads and writes it (on the driver's node, like the dispatch cache's service), so
+on a multi-node cluster the models land in the user's cache dir, not on the workers' disks.
 
 Layout::
 

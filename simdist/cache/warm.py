@@ -3,7 +3,7 @@ store's snapshot, and after each simulated rank collect what the rank added (new
 rows, which stored entries it used, bypasses by reason).
 
 One `RankCache` lives as long as its process (a Ray actor simulates many ranks; FakeTensorMode's
-cache is a class attribute and stays warm between them). `simulate_rank` calls `before_rank`
+cache is a class attribute and stays warm between them). `execute_unit` calls `before_rank`
 and `after_rank` around the simulation (simdist/mode/rank.py).
 """
 

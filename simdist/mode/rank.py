@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ from simdist.mode.session import rank_session
 from simdist.cache.layers import LayerStore
 from simdist.mode.layer_memo import (BASE_LAYERS, MemoPlan, StreamModel, fit_stream_model,
                                      memo_plan, rank_blocks)
-from simdist.mode.streams import summarize
+from simdist.mode.streams import StepStreams, summarize
 from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.mode.trace import RankTask, RankTrace
 from simdist.mode.pipeline import run_pipeline_step
@@ -40,22 +40,35 @@ def _cache_counts() -> dict[str, int]:
 
 
 def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
-    """One rank's step: through the layer memo where it applies (mode/layer_memo.py), else
-    executed in full. `cache` (simdist.cache.warm.RankCache): the shared dispatch cache of this
-    process, warmed before and collected after the rank."""
+    """One rank's step, start to end in this process: through the layer memo where it applies
+    (its short steps executed one after another), else executed in full. The coordinator runs
+    the same pieces (`open_memo`, `execute_unit`, `MemoJob.build`) spread over its actors."""
+    job = open_memo(task)
+    if job is None:
+        return execute_unit(task, cache)
+    units = [execute_unit(t, cache, keep_streams=True) for t in job.short_tasks()]
+    t0 = time.perf_counter()
+    trace, parts = job.build([u.streams for u in units])
+    build_s = time.perf_counter() - t0
+    store_memo(job, parts)
+    if trace is None:  # the short steps do not fit the memo's model
+        units.append(execute_unit(task, cache))
+    return job.account(trace, units, build_s)
+
+
+def execute_unit(task: RankTask, cache: RankCache | None = None,
+                 keep_streams: bool = False) -> RankTrace:
+    """Execute `task` as it is (never through the memo), with its dispatch-cache counters.
+    `cache` (simdist.cache.warm.RankCache): the shared dispatch cache of this process, warmed
+    before and collected after (`cache.last_delta`). `keep_streams`: the trace keeps its event
+    streams (the memo's short steps; they are fitted elsewhere)."""
     t0 = time.perf_counter()
     # --- shared dispatch cache (simdist/cache): warm FakeTensorMode's cache from the store ---
     if cache is not None:
         cache.before_rank()
     # --- end shared dispatch cache ---
     cache0 = _cache_counts()
-    plan = memo_plan(task) if task.layer_memo else None
-    trace = _through_memo(task, plan) if plan is not None else None
-    if trace is None:
-        trace = execute_rank(task)
-        trace.blocks_executed = trace.blocks_total = rank_blocks(task)
-        if plan is not None:
-            trace.layer_memo = "fallback"
+    trace = execute_rank(task)
     cache1 = _cache_counts()
     # --- shared dispatch cache (simdist/cache): collect this rank's new entries (cache.last_delta)
     if cache is not None:
@@ -64,34 +77,94 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     trace.wall_s = time.perf_counter() - t0
     trace.fake_cache = {k: cache1[k] - cache0[k] for k in ("hits", "misses", "bypasses")}
     trace.fake_cache["size"] = cache1["size"]
-    trace.streams = None
+    trace.blocks_executed = trace.blocks_total = rank_blocks(task)
+    if not keep_streams:
+        trace.streams = None
     return trace
 
 
-def _through_memo(task: RankTask, plan: MemoPlan) -> RankTrace | None:
-    """Rebuild the rank from its memo model: read from the layer store, or fitted to the rank
-    executed with BASE_LAYERS, +1, +2 blocks per stage (and stored). None when the short steps
-    do not fit the memo's model (the caller executes in full; the store remembers that too)."""
-    store = (LayerStore.open(task.layer_cache_dir, torch.__version__)
-             if task.layer_cache_dir else None)
-    key = store.key(replace(plan.reduced(task, BASE_LAYERS), layer_cache_dir=None)) if store else ""
-    parts = store.get(key) if store is not None else None
-    executed = 0
-    if parts is not None and parts.get("fallback"):
+# --- the layer memo around execution (mode/layer_memo.py; its models in cache/layers.py) --------
+
+@dataclass(frozen=True)
+class MemoJob:
+    """One rank through the layer memo. `stored`: its model as the layer store holds it (None:
+    not stored yet; {"fallback": True}: known not to fit). Picklable: the coordinator opens the
+    job where the store is (the driver) and has an actor `build` it."""
+    task: RankTask
+    plan: MemoPlan
+    key: str  # in the layer store ("" without one)
+    stored: dict | None
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.stored and self.stored.get("fallback"))
+
+    def short_tasks(self) -> list[RankTask]:
+        """The steps to execute (streams kept): BASE_LAYERS, +1, +2 blocks per stage, or none
+        when the store has the model or knows it does not fit."""
+        if self.stored is not None:
+            return []
+        return [replace(self.plan.reduced(self.task, BASE_LAYERS + i), layer_memo=False)
+                for i in range(3)]
+
+    def build(self, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None]:
+        """(the rank's trace, parts for the store): rebuilt from the stored model (no `runs`)
+        or fitted to the executed short steps; the trace is None where they do not fit (or the
+        store says so: execute in full); parts are None when nothing is new to store."""
+        if self.fallback:
+            return None, None
+        if self.stored is not None:
+            model, parts = StreamModel.from_parts(self.stored), None
+        else:
+            model = fit_stream_model(runs)
+            if model is None:
+                return None, {"fallback": True}
+            parts = model.to_parts()
+        fields = summarize(model.streams(self.plan))
+        return RankTrace(rank=self.task.rank, wall_s=0.0, **fields), parts
+
+    def account(self, trace: RankTrace | None, units: list[RankTrace],
+                build_s: float) -> RankTrace:
+        """The rank's trace with what it cost: every execution it took (short steps, then the
+        full step after a fallback: `trace` None, units[-1]) and the build."""
+        if trace is None:
+            trace = units[-1]
+            trace.layer_memo = "fallback"
+        else:
+            trace.layer_memo = "memo" if units else "memo-hit"
+            trace.blocks_total = self.plan.layers_per_stage * len(self.plan.stages)
+        trace.blocks_executed = sum(u.blocks_executed for u in units)
+        trace.wall_s = sum(u.wall_s for u in units) + build_s
+        trace.fake_cache = {k: sum(u.fake_cache.get(k, 0) for u in units)
+                            for k in ("hits", "misses", "bypasses")}
+        trace.fake_cache["size"] = max((u.fake_cache.get("size", 0) for u in units), default=0)
+        trace.streams = None
+        return trace
+
+
+def open_memo(task: RankTask) -> MemoJob | None:
+    """The memo job for `task`, its model looked up in the layer store; None where the memo is
+    off or does not apply (execute in full)."""
+    plan = memo_plan(task) if task.layer_memo else None
+    if plan is None:
         return None
-    if parts is not None:
-        model, status = StreamModel.from_parts(parts), "memo-hit"
-    else:
-        runs = [execute_rank(plan.reduced(task, BASE_LAYERS + i)).streams for i in range(3)]
-        executed = (3 * BASE_LAYERS + 3) * len(plan.stages)
-        model, status = fit_stream_model(runs), "memo"
-        if store is not None:
-            store.put(key, model.to_parts() if model is not None else {"fallback": True})
-        if model is None:
-            return None
-    fields = summarize(model.streams(plan))
-    return RankTrace(rank=task.rank, wall_s=0.0, layer_memo=status, blocks_executed=executed,
-                     blocks_total=plan.layers_per_stage * len(plan.stages), **fields)
+    store = _store(task)
+    if store is None:
+        return MemoJob(task, plan, "", None)
+    key = store.key(replace(plan.reduced(task, BASE_LAYERS), layer_cache_dir=None))
+    return MemoJob(task, plan, key, store.get(key))
+
+
+def store_memo(job: MemoJob, parts: dict | None) -> None:
+    """Keep a newly fitted model (or the fact that the rank does not fit) for later runs."""
+    store = _store(job.task)
+    if parts is not None and store is not None:
+        store.put(job.key, parts)
+
+
+def _store(task: RankTask) -> LayerStore | None:
+    return (LayerStore.open(task.layer_cache_dir, torch.__version__)
+            if task.layer_cache_dir else None)
 
 
 def execute_rank(task: RankTask) -> RankTrace:

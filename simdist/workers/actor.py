@@ -1,12 +1,14 @@
-"""The Ray actor that simulates ranks. One rank at a time per process (one default process group
-per process); torch stays imported and warm between calls."""
+"""The Ray actor that simulates ranks. One execution at a time per process (one default process
+group per process); torch stays imported and warm between calls."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
+from simdist.mode.streams import StepStreams
 from simdist.mode.trace import RankTask, RankTrace
 
 
@@ -22,21 +24,30 @@ class RankWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def simulate(self, task: RankTask) -> tuple[RankTrace, str]:
-        from simdist.mode.rank import simulate_rank
+    def simulate(self, task: RankTask, keep_streams: bool = False) -> tuple[RankTrace, str]:
+        """Execute `task` as it is (a full rank, or one of the layer memo's short steps)."""
+        from simdist.mode.rank import execute_unit
 
-        return simulate_rank(task), self.node_id()
+        return execute_unit(task, keep_streams=keep_streams), self.node_id()
+
+    def build(self, job, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None, float, str]:  # noqa: ANN001
+        """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
+        (simdist.mode.rank.MemoJob.build), and the seconds that took."""
+        t0 = time.perf_counter()
+        trace, parts = job.build(runs)
+        return trace, parts, time.perf_counter() - t0, self.node_id()
 
     # --- shared dispatch cache (simdist/cache) ---
-    def simulate_cached(self, task: RankTask, cache_arg) -> tuple[RankTrace, str, object]:  # noqa: ANN001
+    def simulate_cached(self, task: RankTask, cache_arg,  # noqa: ANN001
+                        keep_streams: bool = False) -> tuple[RankTrace, str, object]:
         """`simulate` with FakeTensorMode's cache warmed from the store's snapshot (fetched once
-        per snapshot per actor); also returns the rank's CacheDelta for the CacheService."""
+        per snapshot per actor); also returns the execution's CacheDelta for the CacheService."""
         from simdist.cache.warm import RankCache
-        from simdist.mode.rank import simulate_rank
+        from simdist.mode.rank import execute_unit
 
         if self._cache is None:
             self._cache = RankCache()
         self._cache.fetch(cache_arg)
-        trace = simulate_rank(task, cache=self._cache)
+        trace = execute_unit(task, cache=self._cache, keep_streams=keep_streams)
         return trace, self.node_id(), self._cache.last_delta
     # --- end shared dispatch cache ---

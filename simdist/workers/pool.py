@@ -1,12 +1,18 @@
-"""Pool sizing and placement of RankWorker actors."""
+"""Pool sizing and placement of RankWorker actors, and the queue that feeds them."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from simdist.mode.layer_memo import rank_blocks
+from simdist.mode.streams import StepStreams
+from simdist.mode.trace import RankTask
 from simdist.workers.actor import RankWorker
 
 # An actor with torch imported holds ~360 MiB; a rank simulation is single-threaded Python.
@@ -14,10 +20,10 @@ ACTOR_MEMORY_BYTES = 400 * 2**20
 
 
 def pool_size(requested: int | str | None, num_tasks: int) -> int:
-    """`auto`: one actor per CPU of the cluster, never more actors than tasks. Rank simulations
-    are independent CPU-bound jobs, and with the layer memo a class costs about what starting
-    an actor costs (importing torch: ~2.8 s here): an actor beyond the CPUs only adds its
-    start-up (measured: 3 classes on 2 CPUs, 3 actors 12.5 s vs 2 actors, see
+    """`auto`: one actor per CPU of the cluster, never more actors than calls that can run at
+    once (`num_tasks`). Executions are independent CPU-bound jobs, and with the layer memo one
+    costs less than starting an actor (importing torch: ~2.8 s here): an actor beyond the CPUs
+    only adds its start-up (measured: 3 classes on 2 CPUs, 3 actors 12.5 s vs 2 actors, see
     benchmarks/README.md)."""
     if isinstance(requested, int):
         return max(1, min(requested, num_tasks))
@@ -42,3 +48,74 @@ def start_workers(n: int) -> list:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=True),
         ).remote())
     return actors
+
+
+class ActorPool:
+    """Feeds the rank actors, one call per actor at a time. Waiting calls are taken most
+    expensive first (blocks to execute; memo builds, which complete a rank, before anything):
+    a free actor takes the longest waiting execution, so short ones fill the gaps at the end
+    instead of a long one running alone last. Call `close` when done."""
+
+    def __init__(self, actors: list, timeout_s: float, run_cache: Any = None) -> None:
+        self.actors = actors
+        self.nodes: set[str] = set()
+        self._timeout_s = timeout_s
+        self._run_cache = run_cache  # simdist.cache.session.RunCache, or None (--no-cache)
+        self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self._seq = itertools.count()  # equal priority: first come, first served
+        self._drivers = [asyncio.create_task(self._drive(a)) for a in actors]
+
+    def execute(self, task: RankTask, keep_streams: bool = False) -> asyncio.Future:
+        """Execute `task` as it is on some actor; resolves to its RankTrace."""
+        return self._submit(-rank_blocks(task), ("simulate", task, keep_streams))
+
+    def build(self, job: Any, runs: list[StepStreams]) -> asyncio.Future:
+        """MemoJob.build on some actor; resolves to (trace | None, parts | None, seconds)."""
+        return self._submit(-math.inf, ("build", job, runs))
+
+    def _submit(self, priority: float, call: tuple) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((priority, next(self._seq), call, fut))
+        return fut
+
+    async def _drive(self, actor: Any) -> None:
+        while True:
+            _, _, call, fut = await self._queue.get()
+            if fut.done():  # its rank already failed
+                continue
+            try:
+                result = await asyncio.wait_for(self._call(actor, call), self._timeout_s)
+            except Exception as e:  # noqa: BLE001 - delivered to whoever awaits the call
+                if not fut.done():
+                    fut.set_exception(e)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def _call(self, actor: Any, call: tuple) -> Any:
+        kind, *args = call
+        if kind == "build":
+            trace, parts, seconds, node = await actor.build.remote(*args)
+            self.nodes.add(node)
+            return trace, parts, seconds
+        task, keep_streams = args
+        if self._run_cache is None:
+            trace, node = await actor.simulate.remote(task, keep_streams)
+        else:  # shared dispatch cache: warm from the snapshot, hand back new entries
+            trace, node, delta = await actor.simulate_cached.remote(task, self._run_cache.arg,
+                                                                    keep_streams)
+            self._run_cache.merge(delta)
+        self.nodes.add(node)
+        return trace
+
+    async def close(self) -> None:
+        """Stop feeding and end the actors now: their drivers hold the pool in a reference
+        cycle, and an actor left for the garbage collector keeps its CPU from the next run's
+        actors (measured: the next run's actors started 15 s late)."""
+        for d in self._drivers:
+            d.cancel()
+        await asyncio.gather(*self._drivers, return_exceptions=True)
+        self._drivers = []
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
