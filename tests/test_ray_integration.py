@@ -174,3 +174,31 @@ async def test_simulate_async(local_ray):
     # Same model and tokens per rank; HSDP shards over 4 instead of 8, so it holds more.
     assert hsdp.summary["peak_bytes_max"] > fsdp.summary["peak_bytes_max"]
     assert hsdp.summary["model_flops_per_step"] == fsdp.summary["model_flops_per_step"]
+
+
+def test_layer_memo_through_the_actor_pool_equals_full_execution(local_ray, tmp_path):
+    # 6 blocks (memo applies) and vocab 2050 over 8 ranks (2 classes): each class is three
+    # short executions and a build, spread over the pool; --no-cache executes every block.
+    c = load_config({
+        "model": {"preset": "llama3-debug", "n_layers": 6, "vocab_size": 2050},
+        "training": {"seq_len": 128, "micro_batch": 1},
+        "parallel": {"dp_shard": -1},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 1},
+        "simulation": {"cache_dir": str(tmp_path / "c")},
+    })
+    memo = simulate(c)
+    full = simulate(c, use_cache=False)
+    layer = memo.summary["cache"]["layer"]
+    assert (layer["misses"], layer["hits"], layer["fallbacks"]) == (2, 0, 0)
+    assert layer["blocks_executed"] == 2 * 9 and layer["blocks_total"] == 2 * 6
+    assert full.summary["cache"]["layer"]["full"] == 2
+    assert memo.summary["execution"]["actors"] == 2  # 6 short executions: one actor per CPU
+    a, b = memo.ranks.to_pylist(), full.ranks.to_pylist()
+    assert len(a) == len(b) == 8
+    for ra, rb in zip(a, b):
+        assert _same_row(ra, rb), f"rank {ra['rank']}: {ra} != {rb}"
+    for cls in {r["class_id"] for r in a}:
+        for name in CLASS_TABLES:
+            ours, theirs = _class_rows(memo, name, cls), _class_rows(full, name, cls)
+            assert len(ours) == len(theirs) > 0
+            assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, class {cls}"

@@ -1,0 +1,104 @@
+"""simdist.workers.pool.ActorPool without Ray: stand-in actors record what they were asked, in
+what order, and can fail."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from simdist.mode.trace import RankTask
+from simdist.parallel.mesh import MeshLayout
+from simdist.workers import pool as pool_mod
+from tests.conftest import spec
+
+
+class _Method:
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        self.fn = fn
+
+    def remote(self, *args):  # noqa: ANN002, ANN201
+        return self.fn(*args)
+
+
+class StandIn:
+    """Answers like RankWorker: `simulate` -> (trace, node), `build` -> (trace, parts, s, node)."""
+
+    def __init__(self, log: list, fail_layers: int | None = None) -> None:
+        async def simulate(task, keep_streams):  # noqa: ANN001, ANN202
+            await asyncio.sleep(0)
+            log.append(("simulate", task.model.n_layers))
+            if task.model.n_layers == fail_layers:
+                raise RuntimeError("boom")
+            return f"trace-{task.model.n_layers}", "node-a"
+
+        async def build(job, runs):  # noqa: ANN001, ANN202
+            await asyncio.sleep(0)
+            log.append(("build", job))
+            return f"built-{job}", None, 0.0, "node-a"
+
+        self.simulate = _Method(simulate)
+        self.build = _Method(build)
+
+
+def _task(n_layers: int) -> RankTask:
+    return RankTask(rank=0, layout=MeshLayout.from_parallel(1, 1, 1, 1, 1),
+                    model=spec("llama3-debug", n_layers=n_layers), seq_len=128, micro_batch=1,
+                    num_microbatches=1)
+
+
+@pytest.fixture
+def killed(monkeypatch):
+    out: list = []
+    monkeypatch.setattr(pool_mod.ray, "kill", out.append)
+    return out
+
+
+def test_waiting_calls_go_most_expensive_first_and_builds_before_all(killed):
+    log: list = []
+
+    async def main():  # noqa: ANN202
+        actor = StandIn(log)
+        pool = pool_mod.ActorPool([actor], timeout_s=10)
+        # Submitted before the single actor's driver first runs: all wait together.
+        futs = [pool.execute(_task(n)) for n in (2, 8, 4)] + [pool.build("job", [])]
+        results = await asyncio.gather(*futs)
+        await pool.close()
+        return results, actor
+
+    results, actor = asyncio.run(main())
+    assert log == [("build", "job"), ("simulate", 8), ("simulate", 4), ("simulate", 2)]
+    assert results == ["trace-2", "trace-8", "trace-4", ("built-job", None, 0.0)]
+    assert killed == [actor]
+
+
+def test_a_failed_call_reaches_its_caller_and_the_pool_goes_on(killed):
+    log: list = []
+
+    async def main():  # noqa: ANN202
+        pool = pool_mod.ActorPool([StandIn(log, fail_layers=4)], timeout_s=10)
+        bad, good = pool.execute(_task(4)), pool.execute(_task(2))
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad
+        assert await good == "trace-2"
+        assert pool.nodes == {"node-a"}
+        await pool.close()
+
+    asyncio.run(main())
+    assert log == [("simulate", 4), ("simulate", 2)]
+
+
+def test_a_call_past_the_timeout_fails(killed):
+    async def main():  # noqa: ANN202
+        actor = StandIn([])
+
+        async def hang(task, keep_streams):  # noqa: ANN001, ANN202
+            await asyncio.sleep(30)
+
+        actor.simulate = _Method(hang)
+        pool = pool_mod.ActorPool([actor], timeout_s=0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.execute(_task(2))
+        await pool.close()
+
+    asyncio.run(main())
