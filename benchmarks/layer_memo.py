@@ -147,13 +147,20 @@ def main(argv: list[str] | None = None) -> int:
                      "ray": ray.__version__},
         "commit": _git_commit(),
     }
+    out = Path(args.out)
+    # A part that is skipped keeps its figures from the last run that measured it (each part
+    # records the commit it was measured at).
+    earlier = json.loads(out.read_text()) if out.exists() else {}
     if not args.skip_rank:
         print("one rank: llama3-70b FSDP 8 GPUs, seq", args.seq_len, "(min of 2)")
-        result["rank"] = rank_part(args.seq_len)
+        result["rank"] = dict(rank_part(args.seq_len), commit=result["commit"])
+    elif "rank" in earlier:
+        result["rank"] = dict(earlier["rank"], commit=earlier["rank"].get("commit", earlier.get("commit")))
     if not args.skip_plan:
         print("plan twice against a fresh cache dir:")
-        result["plan"] = plan_part(args.seq_len, args.workers)
-    out = Path(args.out)
+        result["plan"] = dict(plan_part(args.seq_len, args.workers), commit=result["commit"])
+    elif "plan" in earlier:
+        result["plan"] = dict(earlier["plan"], commit=earlier["plan"].get("commit", earlier.get("commit")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if "rank" in result:

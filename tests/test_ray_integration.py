@@ -176,7 +176,7 @@ async def test_simulate_async(local_ray):
     assert hsdp.summary["model_flops_per_step"] == fsdp.summary["model_flops_per_step"]
 
 
-def test_layer_memo_through_the_actor_pool_equals_full_execution(local_ray, tmp_path):
+def test_layer_memo_through_the_actor_pool_and_rebuilt_equals_full_execution(local_ray, tmp_path):
     # 6 blocks (memo applies) and vocab 2050 over 8 ranks (2 classes): each class is three
     # short executions and a build, spread over the pool; --no-cache executes every block.
     c = load_config({
@@ -187,18 +187,26 @@ def test_layer_memo_through_the_actor_pool_equals_full_execution(local_ray, tmp_
         "simulation": {"cache_dir": str(tmp_path / "c")},
     })
     memo = simulate(c)
+    rebuilt = simulate(c)  # both models stored: nothing executes
     full = simulate(c, use_cache=False)
     layer = memo.summary["cache"]["layer"]
     assert (layer["misses"], layer["hits"], layer["fallbacks"]) == (2, 0, 0)
     assert layer["blocks_executed"] == 2 * 9 and layer["blocks_total"] == 2 * 6
-    assert full.summary["cache"]["layer"]["full"] == 2
     assert memo.summary["execution"]["actors"] == 2  # 6 short executions: one actor per CPU
-    a, b = memo.ranks.to_pylist(), full.ranks.to_pylist()
-    assert len(a) == len(b) == 8
-    for ra, rb in zip(a, b):
-        assert _same_row(ra, rb), f"rank {ra['rank']}: {ra} != {rb}"
-    for cls in {r["class_id"] for r in a}:
-        for name in CLASS_TABLES:
-            ours, theirs = _class_rows(memo, name, cls), _class_rows(full, name, cls)
-            assert len(ours) == len(theirs) > 0
-            assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, class {cls}"
+    layer = rebuilt.summary["cache"]["layer"]
+    assert (layer["misses"], layer["hits"], layer["blocks_executed"]) == (0, 2, 0)
+    # no actor started: the driver's node rebuilt both classes
+    assert (rebuilt.summary["execution"]["actors"], rebuilt.summary["execution"]["nodes"]) == (0, 1)
+    assert rebuilt.summary["cache"]["enabled"] and rebuilt.summary["cache"]["misses"] == 0
+    assert full.summary["cache"]["layer"]["full"] == 2
+    b = full.ranks.to_pylist()
+    assert len(b) == 8
+    for plan in (memo, rebuilt):
+        a = plan.ranks.to_pylist()
+        for ra, rb in zip(a, b, strict=True):
+            assert _same_row(ra, rb), f"rank {ra['rank']}: {ra} != {rb}"
+        for cls in {r["class_id"] for r in a}:
+            for name in CLASS_TABLES:
+                ours, theirs = _class_rows(plan, name, cls), _class_rows(full, name, cls)
+                assert len(ours) == len(theirs) > 0
+                assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, {cls}"

@@ -114,8 +114,8 @@ class RunCache:
         self._pending: list = []
 
     @classmethod
-    def start(cls, cache_dir: str | None, hardware: Any, max_bytes: int | None = None,
-              placement: str | None = None) -> RunCache | None:
+    def start(cls, cache_dir: str | None, hardware: Any, placement: str | None = None,
+              max_bytes: int | None = None) -> RunCache | None:
         """Start the service and return at once. `placement` ($SIMDIST_CACHE_SERVICE):
         "actor" (default), a CacheService actor on the driver's node that loads the store while
         the rank actors start; "driver", the same CacheService object inside the driver

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from typing import Any
 
 import ray
@@ -67,11 +68,26 @@ class ActorPool:
 
     def execute(self, task: RankTask, keep_streams: bool = False) -> asyncio.Future:
         """Execute `task` as it is on some actor; resolves to its RankTrace."""
+        if not self.actors:
+            raise RuntimeError("ActorPool without actors cannot execute ranks")
         return self._submit(-rank_blocks(task), ("simulate", task, keep_streams))
 
     def build(self, job: Any, runs: list[StepStreams]) -> asyncio.Future:
-        """MemoJob.build on some actor; resolves to (trace | None, parts | None, seconds)."""
+        """MemoJob.build on some actor, or in this process (a thread) when the pool has no
+        actors (nothing to execute); resolves to (trace | None, parts | None, seconds)."""
+        if not self.actors:
+            return asyncio.ensure_future(self._build_here(job, runs))
         return self._submit(-math.inf, ("build", job, runs))
+
+    async def _build_here(self, job: Any, runs: list[StepStreams]) -> tuple:
+        def build() -> tuple:
+            t0 = time.perf_counter()
+            trace, parts = job.build(runs)
+            return trace, parts, time.perf_counter() - t0
+
+        result = await asyncio.to_thread(build)
+        self.nodes.add(ray.get_runtime_context().get_node_id())
+        return result
 
     def _submit(self, priority: float, call: tuple) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
