@@ -73,6 +73,34 @@ def distinct_meshes() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def own_groups_only() -> Iterator[None]:
+    """Let DeviceMesh create only the process groups this rank belongs to.
+
+    Real ranks must all call `new_group` for every subgroup of every mesh dimension (it is
+    collective), and a rank outside a subgroup gets GroupMember.NON_GROUP_MEMBER back. One
+    simulated rank needs only its own groups, so the others are answered that way without
+    creating them. Otherwise a session's cost grows with the world size: 1024-way FSDP has
+    four size-1 mesh dims, each with 1024 singleton groups (4096 `new_group` calls, 0.045 s
+    per session vs 0.003 s at 8 GPUs)."""
+    import torch.distributed.device_mesh as device_mesh
+
+    orig = device_mesh.new_group
+
+    def new_group(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        ranks = kwargs["ranks"] if "ranks" in kwargs else (args[0] if args else None)
+        if ranks is not None and dist.get_rank() not in ranks:
+            return dist.GroupMember.NON_GROUP_MEMBER
+        return orig(*args, **kwargs)
+
+    device_mesh.new_group = new_group
+    try:
+        yield
+    finally:
+        device_mesh.new_group = orig
+
+
+@contextlib.contextmanager
 def rank_session(rank: int, world_size: int, ctx: StepContext) -> Iterator[None]:
-    with distinct_meshes(), fake_process_group(rank, world_size), exclude_sharding_propagation(ctx):
+    with distinct_meshes(), own_groups_only(), fake_process_group(rank, world_size), \
+            exclude_sharding_propagation(ctx):
         yield
