@@ -162,7 +162,7 @@ class Progress:
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
-                     progress: bool, start_cache: Callable[[], Any] | None = None,
+                     progress: bool, start_cache: Callable[[str | None], Any] | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
     """Simulate every task (one per rank class) on a pool of actors. A layer-memo rank is three
     short executions and a build, each its own call (so one rank's steps run side by side), and
@@ -177,7 +177,8 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     in_driver = executions == 0 and len(jobs) <= DRIVER_BUILDS_MAX
     actors = [] if in_driver else start_workers(pool_size(n_workers, max(executions, len(jobs))))
     # --- shared dispatch cache (simdist/cache): its service starts after the rank actors were
-    # requested, so it does not take their start-up slots; nothing waits for it here ---
+    # requested, so it does not take their start-up slots; nothing waits for it here. With
+    # nothing to execute it lives in the driver: no process to start for a summary ---
     run_cache = (start_cache("driver" if in_driver else None) if start_cache is not None
                  else None)
     # --- end shared dispatch cache ---
