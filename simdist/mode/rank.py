@@ -47,9 +47,7 @@ def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
     if job is None:
         return execute_unit(task, cache)
     units = [execute_unit(t, cache, keep_streams=True) for t in job.short_tasks()]
-    t0 = time.perf_counter()
-    trace, parts = job.build([u.streams for u in units])
-    build_s = time.perf_counter() - t0
+    trace, parts, build_s = job.build([u.streams for u in units])
     store_memo(job, parts)
     if trace is None:  # the short steps do not fit the memo's model
         units.append(execute_unit(task, cache))
@@ -107,10 +105,16 @@ class MemoJob:
         return [replace(self.plan.reduced(self.task, BASE_LAYERS + i), layer_memo=False)
                 for i in range(3)]
 
-    def build(self, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None]:
-        """(the rank's trace, parts for the store): rebuilt from the stored model (no `runs`)
-        or fitted to the executed short steps; the trace is None where they do not fit (or the
-        store says so: execute in full); parts are None when nothing is new to store."""
+    def build(self, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None, float]:
+        """(the rank's trace, parts for the store, seconds this took): rebuilt from the stored
+        model (no `runs`) or fitted to the executed short steps; the trace is None where they do
+        not fit (or the store says so: execute in full); parts are None when nothing is new to
+        store."""
+        t0 = time.perf_counter()
+        trace, parts = self._build(runs)
+        return trace, parts, time.perf_counter() - t0
+
+    def _build(self, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None]:
         if self.fallback:
             return None, None
         if self.stored is not None:

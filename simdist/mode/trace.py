@@ -57,8 +57,9 @@ class RankTrace:
     executed_microbatches: int
     wall_s: float
     fake_cache: dict[str, int] = field(default_factory=dict)
-    # The step's event streams (mode/streams.py): kept in the worker for the layer memo, never
-    # sent to the coordinator (simulate_rank drops them unless asked).
+    # The step's event streams (mode/streams.py): kept only for the layer memo's short steps
+    # (execute_unit(keep_streams=True)), which the coordinator hands to a build; dropped
+    # otherwise.
     streams: StepStreams | None = None
     # How this trace was obtained: "full" execution (memo not applicable or off), "fallback"
     # (memo tried, did not fit), "memo" (short stages executed), "memo-hit" (memo model read

@@ -4,7 +4,6 @@ group per process); torch stays imported and warm between calls."""
 from __future__ import annotations
 
 import os
-import time
 
 import ray
 
@@ -33,9 +32,7 @@ class RankWorker:
     def build(self, job, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None, float, str]:  # noqa: ANN001
         """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
         (simdist.mode.rank.MemoJob.build), and the seconds that took."""
-        t0 = time.perf_counter()
-        trace, parts = job.build(runs)
-        return trace, parts, time.perf_counter() - t0, self.node_id()
+        return (*job.build(runs), self.node_id())
 
     # --- shared dispatch cache (simdist/cache) ---
     def simulate_cached(self, task: RankTask, cache_arg,  # noqa: ANN001

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import time
 from typing import Any
 
 import ray
@@ -80,12 +79,7 @@ class ActorPool:
         return self._submit(-math.inf, ("build", job, runs))
 
     async def _build_here(self, job: Any, runs: list[StepStreams]) -> tuple:
-        def build() -> tuple:
-            t0 = time.perf_counter()
-            trace, parts = job.build(runs)
-            return trace, parts, time.perf_counter() - t0
-
-        result = await asyncio.to_thread(build)
+        result = await asyncio.to_thread(job.build, runs)
         self.nodes.add(ray.get_runtime_context().get_node_id())
         return result
 
