@@ -263,16 +263,20 @@ def test_write_replaces_existing_run_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
-def test_write_failure_keeps_existing_run(tmp_path, monkeypatch):
-    import simdist.plan
-
-    out = old_run(tmp_path)
-    fail_on_call(monkeypatch, simdist.plan.pq, "write_table", 2)
+def assert_write_fails_keeping_old_run(tmp_path: Path, out: Path) -> None:
     with pytest.raises(OSError):
         tiny_plan("new").write(out)
     assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
     assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_write_failure_keeps_existing_run(tmp_path, monkeypatch):
+    import simdist.plan
+
+    out = old_run(tmp_path)
+    fail_on_call(monkeypatch, simdist.plan.pq, "write_table", 2)
+    assert_write_fails_keeping_old_run(tmp_path, out)
 
 
 def test_write_failure_at_the_swap_keeps_existing_run(tmp_path, monkeypatch):
@@ -282,8 +286,4 @@ def test_write_failure_at_the_swap_keeps_existing_run(tmp_path, monkeypatch):
 
     out = old_run(tmp_path)
     fail_on_call(monkeypatch, simdist.plan.os, "replace", 2)
-    with pytest.raises(OSError):
-        tiny_plan("new").write(out)
-    assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
-    assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert_write_fails_keeping_old_run(tmp_path, out)
