@@ -78,12 +78,10 @@ def inproc_pairs(cfg_dict: dict, pairs: int) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from simdist.cache import codec
-    from simdist.coordinator import _task, prepare
-    from simdist.mode.rank import simulate_rank
+    from simdist.memo import simulate_rank
+    from simdist.planner import plan_run
 
-    cfg = simdist.load_config(cfg_dict)
-    spec, layout, classes, _ = prepare(cfg)
-    task = _task(cfg, spec, layout, classes[0][0])
+    task = plan_run(simdist.load_config(cfg_dict)).tasks[0]
     FakeTensorMode.cache_clear()
     simulate_rank(task)
     table, _ = codec.encode_cache()

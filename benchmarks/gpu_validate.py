@@ -31,7 +31,7 @@ def gpu_case(preset, overrides, seq, mb, n_mb, attention, ac):  # noqa: ANN001, 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from simdist.models import build_model, resolve_model
+    from simdist.families import build_model, resolve_model
 
     spec = resolve_model(preset, overrides, seq_len=seq, attention=attention)
     mesh = init_device_mesh("cuda", (1,))
@@ -80,15 +80,15 @@ def gpu_case(preset, overrides, seq, mb, n_mb, attention, ac):  # noqa: ANN001, 
 
 
 def sim_case(preset, overrides, seq, mb, n_mb, attention, ac):  # noqa: ANN001, ANN201
-    from simdist.mode.rank import simulate_rank
-    from simdist.mode.trace import RankTask
-    from simdist.models import resolve_model
-    from simdist.parallel.mesh import MeshLayout
+    from simdist.config import load_config
+    from simdist.memo import simulate_rank
+    from simdist.planner import plan_run
 
-    spec = resolve_model(preset, overrides, seq_len=seq, attention=attention)
-    tr = simulate_rank(RankTask(rank=0, layout=MeshLayout.from_parallel(1, 1, 1, 1, 1), model=spec,
-                                seq_len=seq, micro_batch=mb, num_microbatches=n_mb,
-                                activation_checkpointing=ac))
+    cfg = load_config(dict(model=dict(preset=preset, **overrides),
+                           training=dict(seq_len=seq, micro_batch=mb, global_batch=mb * n_mb,
+                                         attention=attention, activation_checkpointing=ac),
+                           cluster=dict(gpus_per_node=1, nodes=1)))
+    tr = simulate_rank(plan_run(cfg, use_cache=False).tasks[0])
     return dict(peak_bytes=tr.peak_bytes, param_bytes=tr.param_bytes, grad_bytes=tr.grad_bytes,
                 optimizer_bytes=tr.optimizer_bytes, activation_bytes=tr.activation_bytes,
                 other_bytes=tr.other_bytes, flops=tr.flops)

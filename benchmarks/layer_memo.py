@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,16 +36,16 @@ from scale_fsdp import _git_commit  # noqa: E402
 
 
 def rank_part(seq_len: int) -> dict:
-    from simdist.mode.rank import simulate_rank
-    from simdist.mode.trace import RankTask
-    from simdist.models import resolve_model
-    from simdist.parallel.mesh import MeshLayout
+    from simdist.config import load_config
+    from simdist.memo import simulate_rank
+    from simdist.planner import plan_run
 
     def run(n_layers: int, memo: bool):  # noqa: ANN202
-        spec = resolve_model("llama3-70b", {"n_layers": n_layers}, seq_len=seq_len,
-                             attention="flash")
-        task = RankTask(rank=0, layout=MeshLayout.from_parallel(1, 1, 8, 1, 1), model=spec,
-                        seq_len=seq_len, micro_batch=1, num_microbatches=1, layer_memo=memo)
+        cfg = load_config(dict(model=dict(preset="llama3-70b", n_layers=n_layers),
+                               training=dict(seq_len=seq_len),
+                               simulation=dict(layer_memo=memo)))
+        task = plan_run(cfg, use_cache=False).tasks[0]
+        task = replace(task, layer_memo=memo)
         t0 = time.perf_counter()
         tr = simulate_rank(task)
         return time.perf_counter() - t0, tr

@@ -77,11 +77,11 @@ def wait_for_load(limit: float, timeout_s: float = 600.0) -> None:
 
 def one_run(nodes: int, seq_len: int, workers: int | None, cache: str) -> dict:
     import simdist
-    from simdist.coordinator import prepare
+    from simdist.planner import plan_run
 
     cfg = simdist.load_config(config(nodes, seq_len))
     t0 = time.perf_counter()
-    _, _, classes, _ = prepare(cfg)  # the driver-side part, timed alone for the breakdown
+    classes = plan_run(cfg).classes  # the driver-side part, timed alone for the breakdown
     prepare_s = time.perf_counter() - t0
 
     raw = config(nodes, seq_len)

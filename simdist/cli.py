@@ -52,17 +52,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from simdist.coordinator import prepare
+        from simdist.planner import plan_run
 
-        prepare(cfg)  # every input check before any Ray or file work
+        # every input check before any Ray or file work
+        run = plan_run(cfg, use_cache=not args.no_cache, exhaustive=args.exhaustive)
     except ConfigError as e:
         print(f"simdist: invalid input: {e}", file=sys.stderr)
         return EXIT_INPUT
     from simdist.coordinator import simulate
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    plan = simulate(cfg, address=args.address, workers=args.workers,
-                    exhaustive=args.exhaustive, progress=not args.quiet,
+    plan = simulate(run, address=args.address, workers=args.workers, progress=not args.quiet,
                     use_cache=not args.no_cache)
     path = plan.write(out)
     if not args.quiet:

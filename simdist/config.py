@@ -137,7 +137,7 @@ class TrainingConfig(BaseModel):
         return v.strip()
 
 
-_MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")  # several stages per pp rank
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")  # several stages per pp rank
 
 
 class ParallelConfig(BaseModel):
@@ -163,9 +163,15 @@ class ParallelConfig(BaseModel):
         return v
 
     @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pp rank holds: pp_virtual_stages for the multi-stage schedules."""
+        multi = self.pp > 1 and self.pp_schedule in MULTI_STAGE_SCHEDULES
+        return self.pp_virtual_stages if multi else 1
+
+    @property
     def stages(self) -> int:
         """Pipeline stages in total (pp ranks x stages per rank)."""
-        return self.pp * (self.pp_virtual_stages if self.pp_schedule in _MULTI_STAGE_SCHEDULES else 1)
+        return self.pp * self.stages_per_rank
 
 
 class GPUSpecConfig(BaseModel):
@@ -286,7 +292,7 @@ def _resolve(cfg: SimdistConfig) -> None:
     if p.pp_layers is not None and len(p.pp_layers) != p.stages:
         per_rank = (
             f" x pp_virtual_stages ({p.pp_virtual_stages}) for {p.pp_schedule}"
-            if p.pp_schedule in _MULTI_STAGE_SCHEDULES
+            if p.stages_per_rank > 1
             else ""
         )
         raise ConfigError(

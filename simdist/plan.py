@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from simdist import schema
 from simdist.costmodel import GPUSpec, collective_time, combine, link_bw, mfu, op_times, pipeline_bubble
-from simdist.mode.trace import RankTrace
-from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+from simdist.trace import RankTrace
+from simdist.layout import MESH_ORDER, MeshLayout
 
 PHASES = ("fwd", "bwd", "optim")
 

@@ -10,22 +10,33 @@ import pytest
 # subprocesses inherit it).
 os.environ.setdefault("SIMDIST_CACHE_DIR", tempfile.mkdtemp(prefix="simdist-test-cache-"))
 
-from simdist.mode.rank import simulate_rank
-from simdist.mode.trace import RankTask, RankTrace
-from simdist.models import ModelSpec, resolve_model
-from simdist.parallel.mesh import MeshLayout
+from simdist.config import ParallelConfig, TrainingConfig
+from simdist.families import ModelSpec, resolve_model
+from simdist.layout import MeshLayout
+from simdist.memo import simulate_rank
+from simdist.trace import RankTask, RankTrace
+
+_TASK_FIELDS = ("all_microbatches", "layer_memo", "layer_cache_dir")
 
 
 def spec(preset: str, seq_len: int = 256, attention: str = "flash", **overrides) -> ModelSpec:
     return resolve_model(preset, overrides, seq_len=seq_len, attention=attention)
 
 
-def run_rank(model: ModelSpec, *, rank: int = 0, dp_shard: int = 1, dp_replicate: int = 1,
-             tp: int = 1, pp: int = 1, cp: int = 1, seq_len: int = 256, micro_batch: int = 1, num_microbatches: int = 1,
-             **kw) -> RankTrace:
-    layout = MeshLayout.from_parallel(pp, dp_replicate, dp_shard, cp, tp)
-    return simulate_rank(RankTask(rank=rank, layout=layout, model=model, seq_len=seq_len,
-                                  micro_batch=micro_batch, num_microbatches=num_microbatches, **kw))
+def make_task(model: ModelSpec, *, rank: int = 0, num_microbatches: int = 1, **kw) -> RankTask:
+    """A RankTask from flat keywords: each goes to its config section (training.*,
+    parallel.*) or to the task itself."""
+    task_kw = {k: kw.pop(k) for k in _TASK_FIELDS if k in kw}
+    training = {k: kw.pop(k) for k in list(kw) if k in TrainingConfig.model_fields}
+    par = ParallelConfig(**{"dp_shard": 1, **kw})  # the rest: parallel.* (unknown keys raise)
+    layout = MeshLayout.from_parallel(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp,
+                                      par.ep)
+    return RankTask(rank=rank, layout=layout, model=model, training=TrainingConfig(**training),
+                    parallel=par, num_microbatches=num_microbatches, **task_kw)
+
+
+def run_rank(model: ModelSpec, *, seq_len: int = 256, **kw) -> RankTrace:
+    return simulate_rank(make_task(model, seq_len=seq_len, **kw))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_rank, spec
 
-from simdist.models import build_model, count_params
+from simdist.families import build_model, count_params
 
 N_8B = 8_030_261_248
 

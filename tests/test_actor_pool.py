@@ -7,10 +7,9 @@ import asyncio
 
 import pytest
 
-from simdist.mode.trace import RankTask
-from simdist.parallel.mesh import MeshLayout
+from simdist.trace import RankTask
 from simdist.workers import pool as pool_mod
-from tests.conftest import spec
+from tests.conftest import make_task, spec
 
 
 class _Method:
@@ -22,29 +21,28 @@ class _Method:
 
 
 class StandIn:
-    """Answers like RankWorker: `simulate` -> (trace, node), `build` -> (trace, parts, s, node)."""
+    """Answers like RankWorker: `simulate` -> (trace, node, cache delta), `build` -> (result,
+    node)."""
 
     def __init__(self, log: list, fail_layers: int | None = None) -> None:
-        async def simulate(task, keep_streams):  # noqa: ANN001, ANN202
+        async def simulate(task, keep_streams, cache_arg):  # noqa: ANN001, ANN202
             await asyncio.sleep(0)
             log.append(("simulate", task.model.n_layers))
             if task.model.n_layers == fail_layers:
                 raise RuntimeError("boom")
-            return f"trace-{task.model.n_layers}", "node-a"
+            return f"trace-{task.model.n_layers}", "node-a", None
 
         async def build(job, runs):  # noqa: ANN001, ANN202
             await asyncio.sleep(0)
             log.append(("build", job))
-            return f"built-{job}", None, 0.0, "node-a"
+            return f"built-{job}", "node-a"
 
         self.simulate = _Method(simulate)
         self.build = _Method(build)
 
 
 def _task(n_layers: int) -> RankTask:
-    return RankTask(rank=0, layout=MeshLayout.from_parallel(1, 1, 1, 1, 1),
-                    model=spec("llama3-debug", n_layers=n_layers), seq_len=128, micro_batch=1,
-                    num_microbatches=1)
+    return make_task(spec("llama3-debug", n_layers=n_layers), seq_len=128)
 
 
 @pytest.fixture
@@ -68,7 +66,7 @@ def test_waiting_calls_go_most_expensive_first_and_builds_before_all(killed):
 
     results, actor = asyncio.run(main())
     assert log == [("build", "job"), ("simulate", 8), ("simulate", 4), ("simulate", 2)]
-    assert results == ["trace-2", "trace-8", "trace-4", ("built-job", None, 0.0)]
+    assert results == ["trace-2", "trace-8", "trace-4", "built-job"]
     assert killed == [actor]
 
 
@@ -92,7 +90,7 @@ def test_a_call_past_the_timeout_fails(killed):
     async def main():  # noqa: ANN202
         actor = StandIn([])
 
-        async def hang(task, keep_streams):  # noqa: ANN001, ANN202
+        async def hang(task, keep_streams, cache_arg):  # noqa: ANN001, ANN202
             await asyncio.sleep(30)
 
         actor.simulate = _Method(hang)

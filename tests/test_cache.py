@@ -154,19 +154,16 @@ def test_fresh_process_warmed_from_store_has_no_misses(step_cache, tmp_path):
         torch._dynamo.config.fake_tensor_cache_crosscheck_enabled = True
         from simdist.cache.store import CacheStore, Snapshot
         from simdist.cache.warm import RankCache
-        from simdist.mode.rank import simulate_rank
-        from simdist.mode.trace import RankTask
-        from simdist.parallel.mesh import MeshLayout
-        from tests.conftest import spec
+        from simdist.memo import simulate_rank
+        from tests.conftest import make_task, spec
         from tests.test_cache import ops_summary
         t0 = time.perf_counter()
         loaded = CacheStore({str(tmp_path / "c")!r}, torch.__version__).load()
         rc = RankCache()
         rc.offer(Snapshot(loaded.entries), "s")
-        task = RankTask(rank=0, layout=MeshLayout.from_parallel(1, 1, {STEP["dp_shard"]}, 1, 1),
-                        model=spec("llama3-debug", n_layers={STEP["n_layers"]}), seq_len=256,
-                        micro_batch=1, num_microbatches=1)
-        tr = simulate_rank(task, cache=rc)
+        task = make_task(spec("llama3-debug", n_layers={STEP["n_layers"]}),
+                         dp_shard={STEP["dp_shard"]}, seq_len=256)
+        tr = simulate_rank(task, around_rank=rc.around_rank)
         d = rc.last_delta
         print(json.dumps(dict(fake_cache=tr.fake_cache, loaded=d.loaded, new=d.entries.num_rows,
                               used=len(d.used), skipped=d.skipped, peak=tr.peak_bytes,

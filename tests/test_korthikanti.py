@@ -38,7 +38,7 @@ from collections import Counter
 import pytest
 from conftest import collective_counts, run_rank, spec
 
-from simdist.models import build_model, count_params
+from simdist.families import build_model, count_params
 
 B, S, H, A = 2, 256, 256, 8  # gpt-debug (dim 256, 8 heads: divisible by t = 2, 4, 8), seq 256
 SBH, SB = S * B * H, S * B

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_rank, spec
-from simdist.mode.layer_memo import memo_plan
-from simdist.mode.trace import RankTask
-from simdist.parallel.mesh import MeshLayout
+from conftest import make_task, run_rank, spec
+from simdist.mode.layer_memo import memo_shape
+from simdist.trace import RankTask
 
 FIELDS = ("peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
           "other_bytes", "peak_phase", "peak_module", "flops", "model_flops", "hbm_bytes",
@@ -62,18 +61,17 @@ def test_context_parallel_and_zero1_equal_full_execution() -> None:
 
 
 def _task(model, pp: int = 1, **kw) -> RankTask:  # noqa: ANN001
-    return RankTask(rank=0, layout=MeshLayout.from_parallel(pp, 1, 1, 1, 1), model=model,
-                    seq_len=256, micro_batch=1, num_microbatches=pp, **kw)
+    return make_task(model, pp=pp, seq_len=256, num_microbatches=pp, **kw)
 
 
 def test_memo_applies_only_to_uniform_deep_stages() -> None:
-    assert memo_plan(_task(spec("llama3-debug", n_layers=4))) is None  # too short to gain
-    plan = memo_plan(_task(spec("llama3-8b")))
+    assert memo_shape(_task(spec("llama3-debug", n_layers=4))) is None  # too short to gain
+    plan = memo_shape(_task(spec("llama3-8b")))
     assert plan.layers_per_stage == 32 and plan.offsets == {0: 0}
     # uneven split: rank 0 (pp stage 0) holds 7 layers of 13, stage 1 holds 6
-    plan = memo_plan(_task(spec("llama3-debug", n_layers=13), pp=2))
+    plan = memo_shape(_task(spec("llama3-debug", n_layers=13), pp=2))
     assert plan.layers_per_stage == 7 and plan.stages == (0,)
-    assert memo_plan(_task(spec("moe-debug", n_layers=8))) is None  # dense first layers
+    assert memo_shape(_task(spec("moe-debug", n_layers=8))) is None  # dense first layers
 
 
 @pytest.mark.slow

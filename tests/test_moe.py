@@ -13,8 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.flop_counter import FlopCounterMode
 
-import simdist.parallel as parallel
-from simdist.models import build_model, count_params
+from simdist.families import build_model, count_params
 from simdist.models.moe import GroupedExperts, moe_layers
 from simdist.models.routing import RoutingError, ep_received_tokens, expert_token_counts
 from simdist.mode.context import StepContext
@@ -104,15 +103,7 @@ def test_grouped_mm_and_expert_loop_count_the_same_flops():
 
 # --- one rank -------------------------------------------------------------------------------
 
-@pytest.fixture
-def moe_parallelize(monkeypatch):
-    # Until the lead registers the family: no TP/EP in these layouts, so the generic path
-    # (activation checkpointing + FSDP/DDP) is the right one.
-    monkeypatch.setitem(parallel.PARALLELIZE, "moe",
-                        parallel.PARALLELIZE.get("moe", parallel.parallelize_gpt))
-
-
-def test_moe_debug_trains_one_rank_and_counts_expert_flops(moe_parallelize):
+def test_moe_debug_trains_one_rank_and_counts_expert_flops():
     s, k, dim, hidden = 256, 2, 256, 256
     model = spec("moe-debug", seq_len=s, n_layers=2)
     tr = run_rank(model, seq_len=s)

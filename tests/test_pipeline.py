@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_rank, spec
 
-from simdist.models import build_model, count_params
+from simdist.families import build_model, count_params
 from simdist.parallel.pipeline import split_layers
 
 B, S, PP, N_MB = 2, 256, 4, 8

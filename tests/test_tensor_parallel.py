@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from conftest import collective_counts, run_rank, spec
 
-from simdist.models import build_model, count_params
+from simdist.families import build_model, count_params
 
 L, B, S = 2, 2, 256
 

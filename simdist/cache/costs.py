@@ -1,9 +1,8 @@
 """Cost rows: (op key, hardware profile) -> FLOPs, bytes read / written, roofline time.
 
 The op key is a dispatch-cache `key_id`: one exact launch (op, overload, input metadata,
-scalars). FLOPs come from torch's formulas (`flop_registry`) and bytes from tensor sizes, with
-the same rules as the op counter (simdist/mode/ops.py): views, metadata and allocation ops move
-nothing and get no row; factories only write. `measured_time_s` stays null until a calibration
+scalars). FLOPs and bytes follow the op counter's rule (simdist/opcount.py): views, metadata and
+allocation ops move nothing and get no row; factories only write. `measured_time_s` stays null until a calibration
 run on real hardware fills it.
 """
 
@@ -15,16 +14,11 @@ import pyarrow as pa
 import torch
 from torch._subclasses import fake_tensor as ft
 from torch.utils._pytree import tree_iter
-from torch.utils.flop_counter import flop_registry
 
 from simdist.cache import schema as S
 from simdist.cache.codec import TORCH_VERSION, Unencodable, meta_tensor, rebuild_args
 from simdist.costmodel import GPUSpec, op_time
-from simdist.mode.ops import _NO_TRAFFIC, _SKIP_NAMESPACES, _WRITE_ONLY
-
-
-def _nbytes(tree: object) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
+from simdist.opcount import bytes_read, kernel_flops, launches_kernel, tensor_bytes
 
 
 def _out_tensor(info: ft._DispatchCacheEntryOutputInfo, args: tuple) -> object:
@@ -49,12 +43,7 @@ def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
     if not isinstance(entry, ft._DispatchCacheValidEntry):
         return None
     func = key.key[0]
-    if not isinstance(func, torch._ops.OpOverload) or func.is_view \
-            or func.namespace in _SKIP_NAMESPACES:
-        return None
-    packet = func._overloadpacket
-    name = packet.__name__
-    if name in _NO_TRAFFIC:
+    if not isinstance(func, torch._ops.OpOverload):
         return None
     try:
         args, kwargs = rebuild_args(key, meta_tensor)
@@ -62,21 +51,20 @@ def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
     except (Unencodable, RuntimeError, TypeError, ValueError, IndexError):
         return None
     out = tuple(outs) if entry.is_output_tuple else outs[0]
-    if not any(isinstance(t, torch.Tensor) for t in tree_iter(out)):
+    if not launches_kernel(func, out):
         return None
-    flop_fn = flop_registry.get(packet)
     try:
-        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+        flops = kernel_flops(func, args, kwargs, out)
     except Exception:  # a formula that cannot take these arguments: no row, never a guess
         return None
-    written = _nbytes(out)
-    read = 0 if name in _WRITE_ONLY else _nbytes((args, kwargs))
+    written = tensor_bytes(out)
+    read = bytes_read(func, args, kwargs)
     dtype = _dtype_name(args)
     try:
         est = op_time(flops, read + written, gpu, dtype=dtype, is_matmul=flops > 0)
     except (KeyError, ValueError):
         est = op_time(flops, read + written, gpu, dtype="fp32", is_matmul=flops > 0)
-    return dict(key_id=kid, hardware=gpu.name, op=str(packet), flops=flops, bytes_read=read,
+    return dict(key_id=kid, hardware=gpu.name, op=str(func._overloadpacket), flops=flops, bytes_read=read,
                 bytes_written=written, est_time_s=est, measured_time_s=None,
                 updated=time.time() if now is None else now)
 

@@ -3,14 +3,16 @@ store's snapshot, and after each simulated rank collect what the rank added (new
 rows, which stored entries it used, bypasses by reason).
 
 One `RankCache` lives as long as its process (a Ray actor simulates many ranks; FakeTensorMode's
-cache is a class attribute and stays warm between them). `execute_unit` calls `before_rank`
-and `after_rank` around the simulation (simdist/mode/rank.py).
+cache is a class attribute and stays warm between them). Its `around_rank()` is the hook the
+execution of a rank enters (simdist/mode/rank.py: execute_unit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -81,7 +83,7 @@ class RankCache:
         self._fetch_failed = 0
         self._cpu0 = time.process_time()
 
-    def fetch(self, arg) -> None:  # noqa: ANN001 - simdist.cache.session.CacheArg
+    def fetch(self, arg) -> None:  # noqa: ANN001 - simdist.cache.run.CacheArg
         """Get the run's snapshot from the CacheService (once per snapshot per process) and
         offer it; a service that failed means a cold rank, never a failed one."""
         snapshot = None
@@ -124,6 +126,14 @@ class RankCache:
         return n
 
     # -- around one rank ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def around_rank(self) -> Iterator[None]:
+        """Warm FakeTensorMode's cache before the rank; collect its new entries after
+        (`last_delta`)."""
+        self.before_rank()
+        yield
+        self.after_rank()
 
     def before_rank(self) -> None:
         cache = tracking_cache()

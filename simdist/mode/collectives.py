@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
-from simdist.mode.ops import _tensor_bytes
+from simdist.opcount import tensor_bytes as _tensor_bytes
+from simdist.trace import CollectiveEvent
 
 _KINDS = {
     "all_gather": ("allgather", "all_gather"),
@@ -61,7 +62,6 @@ def _process_group(func: Any, args: tuple) -> dist.ProcessGroup | None:
 class CollectiveRecorder(TorchDispatchMode):
     ctx: StepContext
     group_dims: dict[str, str] = field(default_factory=dict)  # group_name -> mesh dim name
-    # (op, kind, mesh_dim, group_size, bytes, phase, module, peer, weight), see streams.py
     events: list[tuple] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -84,6 +84,6 @@ class CollectiveRecorder(TorchDispatchMode):
         # Point-to-point: the peer's rank within the group (c10d.send/recv_ take it as the only
         # int argument); -1 for collectives.
         peer = next((a for a in args if type(a) is int), -1) if kind in ("send", "recv") else -1
-        self.events.append((name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(),
+        self.events.append(CollectiveEvent(name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(),
                             peer, self.ctx.weight))
         return out

@@ -30,12 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from simdist.mode.streams import SCALARS, StepStreams
-from simdist.parallel.pipeline import rank_stage_ids, split_layers, stages_per_rank
+from simdist.parallel.pipeline import rank_stage_ids, split_layers
+from simdist.trace import SCALARS, STREAMS, OpEvent, OpItem, RankTask, StepStreams, named_event
 
 BASE_LAYERS = 2  # a: the shortest stage executed; blocks 0 and a-1 stay first and last
 _AFTER = BASE_LAYERS - 2  # new blocks go after this position (before the stage's last block)
-FAMILIES = ("llama3", "gpt")  # one block type throughout (MoE: dense first layers, per-layer routing)
 _LAYER = re.compile(r"^(.*?)(?:^|(?<=\.))layers\.(\d+)(\..*)?$")
 
 
@@ -49,71 +48,63 @@ class LayerRef:
 
 
 @dataclass(frozen=True)
-class MemoPlan:
+class MemoShape:
     """How the memo rebuilds this rank: its stages, their block count and first block index."""
     stages: tuple[int, ...]
     offsets: dict[int, int]
     layers_per_stage: int
     num_stages: int
 
-    def reduced(self, task: Any, per_stage: int) -> Any:
+    def reduced(self, task: RankTask, per_stage: int) -> RankTask:
         """`task` with `per_stage` blocks in every pipeline stage."""
         model = replace(task.model, args=replace(task.model.args,
                                                  n_layers=per_stage * self.num_stages))
-        pp_layers = (per_stage,) * self.num_stages if self.num_stages > 1 else None
-        return replace(task, model=model, pp_layers=pp_layers)
+        pp_layers = [per_stage] * self.num_stages if self.num_stages > 1 else None
+        return replace(task.with_parallel(pp_layers=pp_layers), model=model)
 
 
-def _rank_depths(task: Any) -> tuple[list[int], list[list[int]], int]:
+def _rank_depths(task: RankTask) -> tuple[list[int], list[list[int]], int]:
     """This rank's stage ids, every stage's layer indices, and the number of stages."""
-    pp = task.layout.degree("pp")
-    per_rank = stages_per_rank(task.pp_schedule, task.pp_virtual_stages) if pp > 1 else 1
-    num_stages = pp * per_rank
-    split = split_layers(task.model.n_layers or 0, num_stages,
-                         list(task.pp_layers) if task.pp_layers else None)
+    pp, per_rank, num_stages = task.parallel.pp, task.parallel.stages_per_rank, task.parallel.stages
+    split = split_layers(task.model.n_layers or 0, num_stages, task.parallel.pp_layers)
     stages = (rank_stage_ids(task.layout.coords(task.rank)["pp"], pp, per_rank)
               if pp > 1 else [0])
     return stages, split, num_stages
 
 
-def rank_blocks(task: Any) -> int:
+def rank_blocks(task: RankTask) -> int:
     """Transformer blocks this rank holds (over all its pipeline stages)."""
     stages, split, _ = _rank_depths(task)
     return sum(len(split[s]) for s in stages)
 
 
-def memo_plan(task: Any) -> MemoPlan | None:
-    """The plan for `task`, or None where the memo does not apply (another model family, stages
+def memo_shape(task: RankTask) -> MemoShape | None:
+    """The memo shape of `task`, or None where the memo does not apply (another model family, stages
     of this rank with different depths, or stages too short to gain)."""
-    if task.model.family not in FAMILIES or task.model.entrypoint or not task.model.n_layers:
+    if not task.model.registration.layer_memo or task.model.entrypoint or not task.model.n_layers:
         return None
     stages, split, num_stages = _rank_depths(task)
     depths = {len(split[s]) for s in stages}
     if len(depths) != 1 or (m := depths.pop()) < BASE_LAYERS + 3:
         return None
-    return MemoPlan(tuple(stages), {s: split[s][0] for s in stages}, m, num_stages)
+    return MemoShape(tuple(stages), {s: split[s][0] for s in stages}, m, num_stages)
 
 
 # --- module names <-> LayerRef -------------------------------------------------------------------
 
-# Where each stream's events keep their module path and phase (see streams.py).
+# Op events keep their module path and phase in their head; the other streams on the event.
 def _get_module(stream: str, ev: tuple) -> Any:
-    return ev[0][2] if stream == "ops" else ev[1] if stream == "memory" else ev[6]
+    return ev.head.module if stream == "ops" else ev.module
 
 
 def _set_module(stream: str, ev: tuple, module: Any) -> tuple:
     if stream == "ops":
-        head = ev[0]
-        return (head[:2] + (module,) + head[3:], ev[1])
-    i = 1 if stream == "memory" else 6
-    return ev[:i] + (module,) + ev[i + 1:]
+        return ev._replace(head=ev.head._replace(module=module))
+    return ev._replace(module=module)
 
 
 def _phase(stream: str, ev: tuple) -> str:
-    return ev[0][1] if stream == "ops" else ev[0] if stream == "memory" else ev[5]
-
-
-STREAMS = ("memory", "ops", "collectives")
+    return ev.head.phase if stream == "ops" else ev.phase
 
 
 def _canonical(streams: StepStreams, per_stage: int) -> dict[str, list[tuple]]:
@@ -180,8 +171,8 @@ def _insertions(old: list, new: list, inner: bool) -> list:
         elif tag == "replace" and inner:
             # Foreach ops (same kernel, longer tensor lists), maybe next to inserted ops: align
             # the block by op heads.
-            heads = difflib.SequenceMatcher(None, [t[0] for t in old[i1:i2]],
-                                            [t[0] for t in new[j1:j2]], autojunk=False)
+            heads = difflib.SequenceMatcher(None, [t.head for t in old[i1:i2]],
+                                            [t.head for t in new[j1:j2]], autojunk=False)
             for tag2, a1, a2, b1, b2 in heads.get_opcodes():
                 if tag2 == "insert":
                     edits.append(_Insert(i1 + a1, new[j1 + b1:j1 + b2]))
@@ -190,8 +181,8 @@ def _insertions(old: list, new: list, inner: bool) -> list:
                 for k in range(a2 - a1 if tag2 == "equal" else 0):
                     o, n = old[i1 + a1 + k], new[j1 + b1 + k]
                     if o != n:
-                        edits.append(_Inner(i1 + a1 + k, _insertions(list(o[1]), list(n[1]),
-                                                                     False)))
+                        edits.append(_Inner(i1 + a1 + k, _insertions(list(o.items),
+                                                                     list(n.items), False)))
         else:
             raise FitError(f"{tag} at {i1}:{i2} -> {j1}:{j2}")
     return edits
@@ -233,7 +224,7 @@ def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra:
         cursor = e.at
         if isinstance(e, _Inner):
             head, items = base[e.at]
-            out.append((head, tuple(_repeat_items(list(items), e.edits, extra))))
+            out.append(OpEvent(head, tuple(_repeat_items(list(items), e.edits, extra))))
             check(1)
             cursor += 1
             continue
@@ -294,16 +285,16 @@ class StreamModel:
 
     @classmethod
     def from_parts(cls, parts: dict[str, Any]) -> StreamModel:
-        return cls(short={n: list(_from_json(parts[f"short.{n}"])) for n in STREAMS},
-                   edits={n: _edits_from_json(parts[f"edits.{n}"]) for n in STREAMS},
+        return cls(short={n: _events_from_json(n, parts[f"short.{n}"]) for n in STREAMS},
+                   edits={n: _edits_from_json(n, parts[f"edits.{n}"]) for n in STREAMS},
                    scalars=parts["scalars"], scalar_steps=parts["scalar_steps"])
 
-    def streams(self, plan: MemoPlan) -> StepStreams:
-        extra = plan.layers_per_stage - BASE_LAYERS
+    def streams(self, shape: MemoShape) -> StepStreams:
+        extra = shape.layers_per_stage - BASE_LAYERS
         out = StepStreams()
         for name in STREAMS:
             events = extrapolate(name, self.short[name], self.edits[name], _AFTER, extra)
-            setattr(out, name, _moved(name, events, lambda r: _module_name(r, plan)))
+            setattr(out, name, _moved(name, events, lambda r: _module_name(r, shape)))
         out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
         return out
 
@@ -329,13 +320,20 @@ def _edits_to_json(edits: list) -> list:
             else {"at": e.at, "split": e.split, "segment": _to_json(e.segment)} for e in edits]
 
 
-def _edits_from_json(rows: list) -> list:
-    return [_Inner(r["inner"], _edits_from_json(r["edits"])) if "inner" in r
-            else _Insert(r["at"], list(_from_json(r["segment"])), r["split"]) for r in rows]
+def _events_from_json(stream: str, rows: list) -> list[tuple]:
+    return [named_event(stream, ev) for ev in _from_json(rows)]
 
 
-def _module_name(r: LayerRef, plan: MemoPlan) -> str:
-    return f"{r.prefix}layers.{plan.offsets[r.stage] + r.pos}{r.suffix}"
+def _edits_from_json(stream: str, rows: list) -> list:
+    """`stream` None: the edits of one op's items (inside an _Inner)."""
+    return [_Inner(r["inner"], _edits_from_json(None, r["edits"])) if "inner" in r
+            else _Insert(r["at"], _events_from_json(stream, r["segment"]) if stream
+                         else [OpItem(*i) for i in _from_json(r["segment"])], r["split"])
+            for r in rows]
+
+
+def _module_name(r: LayerRef, shape: MemoShape) -> str:
+    return f"{r.prefix}layers.{shape.offsets[r.stage] + r.pos}{r.suffix}"
 
 
 def fit_stream_model(runs: list[StepStreams]) -> StreamModel | None:

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
+from simdist.trace import MemoryEvent
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ class StorageInfo:
 
 @dataclass(eq=False)
 class MemoryTracker(TorchDispatchMode):
-    """Appends (phase, module, op, delta, saved_delta) events to `events` (see streams.py)."""
+    """Appends a MemoryEvent per change of live or saved bytes to `events`."""
 
     ctx: StepContext
     storages: dict[int, StorageInfo] = field(default_factory=dict)
@@ -85,7 +86,7 @@ class MemoryTracker(TorchDispatchMode):
         if delta == 0 or self._closed:
             return
         self.live += delta
-        self.events.append((self.ctx.phase, self.ctx.module(), op, delta, 0))
+        self.events.append(MemoryEvent(self.ctx.phase, self.ctx.module(), op, delta, 0))
 
     def _on_free(self, key: int) -> None:
         info = self.storages.pop(key, None)
@@ -109,7 +110,7 @@ class MemoryTracker(TorchDispatchMode):
         if delta == 0 or self._closed:
             return
         self.saved_live += delta
-        self.events.append((self.ctx.phase, self.ctx.module(), "", 0, delta))
+        self.events.append(MemoryEvent(self.ctx.phase, self.ctx.module(), "", 0, delta))
 
     def mark_saved(self, t: torch.Tensor) -> None:
         """Called by the saved-tensors hook: autograd keeps `t` until backward."""

@@ -1,8 +1,5 @@
-"""FLOPs and bytes per op, by phase and module.
-
-FLOPs come from torch's own formulas (`torch.utils.flop_counter.flop_registry`, the table behind
-FlopCounterMode); bytes are the sizes of the op's tensor inputs and outputs (what a kernel reads
-and writes from HBM, ignoring cache reuse). View and metadata ops move nothing and are skipped.
+"""FLOPs and bytes per op, by phase and module, by the rule of simdist/opcount.py (torch's FLOP
+formulas; the sizes of the op's tensor inputs and outputs; views and metadata move nothing).
 The counter records one event per kernel; streams.py aggregates them by (op, phase, module, input
 shapes), so identical launches become one row with a count and per-row time estimates stay exact
 (`count` times one launch)."""
@@ -15,42 +12,26 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
-from torch.utils.flop_counter import flop_registry
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
+from simdist.opcount import is_write_only, kernel_flops, launches_kernel
+from simdist.trace import OpEvent, OpHead, OpItem
 
-# Collectives and bookkeeping are recorded elsewhere (collectives.py) or move no data
-# (`prim.device`, `aten.sym_size`... answer metadata queries).
-_SKIP_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor",
-                    "profiler", "prim"}
-# Allocation and aliasing ops: no kernel touches memory (`_unsafe_view` reinterprets the result
-# of a copy; `empty*` only reserve).
-_NO_TRAFFIC = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
-               "_unsafe_view", "detach", "alias", "lift_fresh", "set_", "resize_"}
-# Factory ops write their output and read nothing.
-_WRITE_ONLY = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
-               "new_ones", "new_full", "fill_", "zero_", "randint", "rand", "randn", "arange",
-               "scalar_tensor"}
-
-
-def _tensor_bytes(tree: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
-
-
-def _items(args: Any, out: Any) -> tuple[tuple[str, str, int], ...]:
-    """("a", "shape:dtype", bytes) per tensor argument, then ("o", "", bytes) per output."""
-    items = [("a", "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}",
-              t.numel() * t.element_size()) for t in tree_iter(args) if isinstance(t, torch.Tensor)]
-    items += [("o", "", t.numel() * t.element_size())
+def _items(args: Any, out: Any) -> tuple[OpItem, ...]:
+    """An OpItem per tensor argument, then one per output."""
+    items = [OpItem("a", "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}",
+                    t.numel() * t.element_size())
+             for t in tree_iter(args) if isinstance(t, torch.Tensor)]
+    items += [OpItem("o", "", t.numel() * t.element_size())
               for t in tree_iter(out) if isinstance(t, torch.Tensor)]
     return tuple(items)
 
 
 @dataclass(eq=False)
 class OpCounter(TorchDispatchMode):
-    """Appends one ((op, phase, module, weight, flops, write_only), items) event per executed
-    kernel to `events` (see streams.py, which aggregates them into op rows)."""
+    """Appends one OpEvent per executed kernel to `events` (streams.py aggregates them into
+    op rows)."""
 
     ctx: StepContext
     events: list[tuple] = field(default_factory=list)
@@ -63,17 +44,10 @@ class OpCounter(TorchDispatchMode):
             return NotImplemented
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.ctx.excluded or self.ctx.phase == "init" or func.is_view:
+        if self.ctx.excluded or self.ctx.phase == "init" or not launches_kernel(func, out):
             return out
-        if func.namespace in _SKIP_NAMESPACES:
-            return out
-        packet = func._overloadpacket
-        name = packet.__name__
-        if name in _NO_TRAFFIC or not any(isinstance(t, torch.Tensor) for t in tree_iter(out)):
-            return out
-        flop_fn = flop_registry.get(packet)
-        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
-        head = (str(packet).removeprefix("aten."), self.ctx.phase, self.ctx.module(),
-                self.ctx.weight, flops, name in _WRITE_ONLY)
-        self.events.append((head, _items(args, out)))
+        head = OpHead(str(func._overloadpacket).removeprefix("aten."), self.ctx.phase,
+                      self.ctx.module(), self.ctx.weight, kernel_flops(func, args, kwargs, out),
+                      is_write_only(func))
+        self.events.append(OpEvent(head, _items(args, out)))
         return out

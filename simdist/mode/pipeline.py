@@ -18,12 +18,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.distributed.pipelining.stage import InferenceMode
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import MemoryTracker
 from simdist.mode.step import loss_fn, record_step
-from simdist.parallel.pipeline import SCHEDULES, MULTI_STAGE
+from simdist.parallel.pipeline import SCHEDULES
 
 
 def _static_warmup(self: Any, stages: list, has_backward: bool, p2p_done: bool) -> None:
@@ -109,7 +110,7 @@ def run_pipeline_step(
         return loss_fn(model0, logits, labels)
 
     cls = SCHEDULES[schedule_name]
-    schedule = cls(stages if schedule_name in MULTI_STAGE else stages[0], num_microbatches,
+    schedule = cls(stages if issubclass(cls, PipelineScheduleMulti) else stages[0], num_microbatches,
                    loss_fn=loss)
     schedule._warmup_p2p = functools.partial(_static_warmup, schedule)
     # The loss belongs to the forward; everything the schedule does outside the stage chunks

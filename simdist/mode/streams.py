@@ -1,46 +1,23 @@
-"""What one recorded step did, in execution order, before aggregation (StepStreams), and the one
-function that turns it into a rank's trace fields (summarize).
+"""The one function that turns a recorded step (simdist.trace.StepStreams: the recorders'
+named events in execution order) into a rank's trace fields (summarize).
 
-The recorders append to these streams; full execution and the layer memo (mode/layer_memo.py),
-which extrapolates streams of short models to the full depth, both go through `summarize`, so
-the two can only differ if their streams differ.
-
-Event tuples (plain tuples: cheap to append, hashable, comparable):
-- memory: (phase, module, op, delta, saved_delta). delta != 0 is an allocation (+) or free (-)
-  of live bytes; saved_delta != 0 (with delta == 0) is a change of the bytes autograd keeps for
-  backward (the activation curve).
-- ops: ((op, phase, module, weight, flops, write_only), items) with items a tuple of
-  ("a", "shape:dtype", nbytes) per tensor argument then ("o", "", nbytes) per tensor output.
-  Foreach ops (the optimizer's) carry one item per tensor of their lists.
-- collectives: (op, kind, mesh_dim, group_size, bytes, phase, module, peer, weight).
+Full execution and the layer memo (mode/layer_memo.py), which extrapolates streams of short
+models to the full depth, both go through `summarize`, so the two can only differ if their
+streams differ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from simdist import schema
-
-# Scalars of the step that are not events: live and saved bytes when recording starts (resident
-# parameters, optimizer state, buffers) and the storage sizes read at the optimizer step.
-SCALARS = ("initial_live", "initial_saved", "param_bytes", "grad_bytes", "optimizer_bytes",
-           "executed_microbatches")
+from simdist.trace import OpEvent, StepStreams
 
 
-@dataclass
-class StepStreams:
-    memory: list[tuple] = field(default_factory=list)
-    ops: list[tuple] = field(default_factory=list)
-    collectives: list[tuple] = field(default_factory=list)
-    scalars: dict[str, int] = field(default_factory=dict)
-
-
-def op_row_key(event: tuple) -> tuple[tuple[str, str, str, str], int, int, int]:
+def op_row_key(event: OpEvent) -> tuple[tuple[str, str, str, str], int, int, int]:
     """(op, phase, module, shapes) and the event's weight, flops and bytes."""
-    (op, phase, module, weight, flops, write_only), items = event
-    shapes = ";".join(shape for role, shape, _ in items if role == "a")
-    nbytes = sum(n for role, _, n in items if role == "o" or not write_only)
-    return (op, phase, module, shapes), weight, flops, nbytes
+    h = event.head
+    shapes = ";".join(i.shape for i in event.items if i.role == "a")
+    nbytes = sum(i.nbytes for i in event.items if i.role == "o" or not h.write_only)
+    return (h.op, h.phase, h.module, shapes), h.weight, h.flops, nbytes
 
 
 def summarize(streams: StepStreams) -> dict:
@@ -50,7 +27,7 @@ def summarize(streams: StepStreams) -> dict:
     live, saved = sc["initial_live"], sc["initial_saved"]
     peak, saved_peak, peak_row = live, saved, None
     mem_rows = []
-    for phase, module, op, delta, saved_delta in streams.memory:
+    for phase, module, op, delta, saved_delta in streams.memory:  # MemoryEvent
         if saved_delta:
             saved += saved_delta
             saved_peak = max(saved_peak, saved)
@@ -69,8 +46,9 @@ def summarize(streams: StepStreams) -> dict:
         row[1] += weight * flops
         row[2] += weight * nbytes
     colls: dict[tuple, int] = {}
-    for *key, weight in streams.collectives:
-        colls[tuple(key)] = colls.get(tuple(key), 0) + weight
+    for ev in streams.collectives:
+        key = ev[:-1]  # every field but the weight
+        colls[key] = colls.get(key, 0) + ev.weight
 
     param, grad, optim = sc["param_bytes"], sc["grad_bytes"], sc["optimizer_bytes"]
     op_rows = [dict(op=k[0], phase=k[1], module=k[2], shapes=k[3], count=c, flops=f, bytes=b)

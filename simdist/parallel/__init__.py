@@ -1,5 +1,6 @@
 """Plan -> torch.distributed: the device mesh and one `parallelize_<family>` per model family,
-each built from small apply_* steps (torchtitan's structure)."""
+each built from small apply_* steps (torchtitan's structure); simdist/families.py registers
+which family uses which."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from simdist.parallel.checkpointing import apply_ac
 from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
 from simdist.parallel.expert_parallel import apply_ep
-from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+from simdist.layout import DP_SHARD_CP, EP_DIMS, MESH_ORDER, MeshLayout
 from simdist.parallel.zero import apply_zero_params
 from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3
 
@@ -34,9 +35,6 @@ class ParallelPlan:
         return self.layout.degree("tp") > 1 and self.layout.degree("pp") == 1
 
 
-EP_DIMS = ("dp_shard_mod_ep", "ep")
-
-
 def build_device_mesh(layout: MeshLayout) -> DeviceMesh:
     if layout.ep == 1:
         return init_device_mesh("cpu", layout.degrees, mesh_dim_names=MESH_ORDER)
@@ -54,7 +52,7 @@ def mesh_group_dims(mesh: DeviceMesh) -> dict[str, str]:
     names = MESH_ORDER + (EP_DIMS if "ep" in (mesh.mesh_dim_names or ()) else ())
     dims = {mesh.get_group(name).group_name: name for name in names}
     if mesh["cp"].size() > 1:
-        dims[mesh["dp_shard", "cp"]._flatten("dp_shard_cp").get_group().group_name] = "dp_shard_cp"
+        dims[mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP).get_group().group_name] = DP_SHARD_CP
     return dims
 
 
@@ -78,7 +76,7 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) 
         # Also for a single GPU: FSDP over one rank gives the same mixed-precision training.
         # With context parallelism the cp ranks hold the same parameters: FSDP shards over
         # dp_shard x cp (torchtitan's dp_shard_cp).
-        dp_mesh = (mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        dp_mesh = (mesh["dp_shard", "cp"]._flatten(DP_SHARD_CP)
                    if plan.layout.degree("cp") > 1 else mesh["dp_shard"])
         apply_fsdp(model, dp_mesh, plan.param_dtype, reshard_after_forward=reshard,
                    expert_mesh=mesh[expert_dims] if expert_dims else None)
@@ -104,10 +102,3 @@ def parallelize_moe(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> N
     apply_ac(model, plan.activation_checkpointing)
     apply_data_parallel(model, mesh, plan)
 
-
-PARALLELIZE = {"llama3": parallelize_llama3, "gpt": parallelize_gpt, "moe": parallelize_moe,
-               "custom": parallelize_llama3}
-
-
-def parallelize(family: str, model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
-    PARALLELIZE[family](model, mesh, plan)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from simdist.parallel.mesh import MESH_ORDER, MeshLayout
+from simdist.layout import MESH_ORDER, MeshLayout
 
 
 def chunk_size(n: int, parts: int, index: int) -> int:

@@ -7,7 +7,8 @@ attention, exchanging K/V shards (all-gathers, or all-to-alls, recorded as colle
 torch's `context_parallel()` patches `torch.nn.functional.scaled_dot_product_attention` by name.
 Our models call the GPU flash kernel through `simdist.models.kernels.scaled_dot_product_attention`
 (a fake cpu SDPA would pick the CPU kernel, which has no CP sharding rule), so the same input and
-output conversion is installed on that function, in every module that imported it."""
+output conversion is installed on that function, in every module that imported it (a family's
+registration names them: simdist/families.py)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,9 @@ from torch.distributed.tensor.experimental._context_parallel import _attention a
 
 from simdist.models import kernels
 
-_MODEL_MODULES = ("simdist.models.kernels", "simdist.models.llama3", "simdist.models.gpt",
-                  "simdist.models.moe")
-
-
 @contextlib.contextmanager
-def context_parallel(cp_mesh: DeviceMesh, rotate_method: str = "allgather") -> Iterator[None]:
+def context_parallel(cp_mesh: DeviceMesh, attention_modules: tuple[str, ...] = (),
+                     rotate_method: str = "allgather") -> Iterator[None]:
     sdpa = kernels.scaled_dot_product_attention
     style = cp_attention._ContextParallel(
         seq_dim=2, attention_type=cp_attention._ContextParallel.AttentionType.SDPA)
@@ -35,7 +33,7 @@ def context_parallel(cp_mesh: DeviceMesh, rotate_method: str = "allgather") -> I
         args, kwargs = style.sdpa_input_fn(None, args, kwargs, cp_mesh)
         return style.sdpa_output_fn(None, (args, kwargs), sdpa(*args, **kwargs), cp_mesh)
 
-    patched = [m for m in map(sys.modules.get, _MODEL_MODULES)
+    patched = [m for m in map(sys.modules.get, (kernels.__name__, *attention_modules))
                if m is not None and getattr(m, "scaled_dot_product_attention", None) is sdpa]
     options = cp_attention._cp_options
     old = (options.enable_load_balance, options.rotate_method)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
+
+from simdist.config import ParallelConfig
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -19,13 +21,6 @@ SCHEDULES = {
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zero_bubble": ScheduleInterleavedZeroBubble,
 }
-MULTI_STAGE = {"interleaved_1f1b", "zero_bubble"}
-
-
-def stages_per_rank(schedule: str, virtual_stages: int) -> int:
-    return virtual_stages if schedule in MULTI_STAGE else 1
-
-
 def split_layers(n_layers: int, num_stages: int, pp_layers: list[int] | None) -> list[list[int]]:
     """Layer indices of every stage: `pp_layers` when given, else as even as possible (the
     earlier stages take the remainder, as torchtitan's default split does)."""
@@ -60,14 +55,12 @@ def prune_to_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bo
     return model
 
 
-def stage_parts(build: Callable[[], nn.Module], n_layers: int, pp: int, pp_rank: int,
-                schedule: str, virtual_stages: int,
-                pp_layers: list[int] | tuple[int, ...] | None) -> list[tuple[int, nn.Module]]:
+def stage_parts(build: Callable[[], nn.Module], n_layers: int, parallel: ParallelConfig,
+                pp_rank: int) -> list[tuple[int, nn.Module]]:
     """(stage id, module) for every stage rank `pp_rank` holds; `build()` makes a whole model."""
-    if pp == 1:
+    if parallel.pp == 1:
         return [(0, build())]
-    per_rank = stages_per_rank(schedule, virtual_stages)
-    num_stages = pp * per_rank
-    layers = split_layers(n_layers, num_stages, list(pp_layers) if pp_layers else None)
+    num_stages = parallel.stages
+    layers = split_layers(n_layers, num_stages, parallel.pp_layers)
     return [(sid, prune_to_stage(build(), layers[sid], sid == 0, sid == num_stages - 1))
-            for sid in rank_stage_ids(pp_rank, pp, per_rank)]
+            for sid in rank_stage_ids(pp_rank, parallel.pp, parallel.stages_per_rank)]

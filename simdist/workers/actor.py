@@ -4,11 +4,12 @@ group per process); torch stays imported and warm between calls."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import ray
 
-from simdist.mode.streams import StepStreams
-from simdist.mode.trace import RankTask, RankTrace
+from simdist.trace import StepStreams
+from simdist.trace import RankTask, RankTrace
 
 
 class RankWorker:
@@ -23,28 +24,25 @@ class RankWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def simulate(self, task: RankTask, keep_streams: bool = False) -> tuple[RankTrace, str]:
-        """Execute `task` as it is (a full rank, or one of the layer memo's short steps)."""
+    def simulate(self, task: RankTask, keep_streams: bool = False,
+                 cache_arg: Any = None) -> tuple[RankTrace, str, Any]:
+        """Execute `task` as it is (a full rank, or one of the layer memo's short steps).
+        `cache_arg` (simdist.cache.run.CacheArg, None with --no-cache): FakeTensorMode's cache
+        is warmed from the store's snapshot (fetched once per snapshot per actor) and the
+        execution's CacheDelta is returned for the CacheService."""
         from simdist.mode.rank import execute_unit
 
-        return execute_unit(task, keep_streams=keep_streams), self.node_id()
-
-    def build(self, job, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None, float, str]:  # noqa: ANN001
-        """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
-        (simdist.mode.rank.MemoJob.build), and the seconds that took."""
-        return (*job.build(runs), self.node_id())
-
-    # --- shared dispatch cache (simdist/cache) ---
-    def simulate_cached(self, task: RankTask, cache_arg,  # noqa: ANN001
-                        keep_streams: bool = False) -> tuple[RankTrace, str, object]:
-        """`simulate` with FakeTensorMode's cache warmed from the store's snapshot (fetched once
-        per snapshot per actor); also returns the execution's CacheDelta for the CacheService."""
+        if cache_arg is None:
+            return execute_unit(task, keep_streams=keep_streams), self.node_id(), None
         from simdist.cache.warm import RankCache
-        from simdist.mode.rank import execute_unit
 
         if self._cache is None:
             self._cache = RankCache()
         self._cache.fetch(cache_arg)
-        trace = execute_unit(task, cache=self._cache, keep_streams=keep_streams)
+        trace = execute_unit(task, self._cache.around_rank(), keep_streams)
         return trace, self.node_id(), self._cache.last_delta
-    # --- end shared dispatch cache ---
+
+    def build(self, job: Any, runs: list[StepStreams]) -> tuple[Any, str]:
+        """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
+        (simdist.memo.MemoJob.build: a BuildResult)."""
+        return job.build(runs), self.node_id()

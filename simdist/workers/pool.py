@@ -11,13 +11,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from simdist.mode.layer_memo import rank_blocks
-from simdist.mode.streams import StepStreams
-from simdist.mode.trace import RankTask
+from simdist.trace import StepStreams
+from simdist.trace import RankTask
 from simdist.workers.actor import RankWorker
-
-# An actor with torch imported holds ~360 MiB; a rank simulation is single-threaded Python.
-ACTOR_MEMORY_BYTES = 400 * 2**20
-
 
 def pool_size(requested: int | str | None, num_tasks: int) -> int:
     """`auto`: one actor per CPU of the cluster, never more actors than calls that can run at
@@ -60,7 +56,7 @@ class ActorPool:
         self.actors = actors
         self.nodes: set[str] = set()
         self._timeout_s = timeout_s
-        self._run_cache = run_cache  # simdist.cache.session.RunCache, or None (--no-cache)
+        self._run_cache = run_cache  # simdist.cache.run.RunCache, or None (--no-cache)
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self._seq = itertools.count()  # equal priority: first come, first served
         self._drivers = [asyncio.create_task(self._drive(a)) for a in actors]
@@ -73,12 +69,12 @@ class ActorPool:
 
     def build(self, job: Any, runs: list[StepStreams]) -> asyncio.Future:
         """MemoJob.build on some actor, or in this process (a thread) when the pool has no
-        actors (nothing to execute); resolves to (trace | None, parts | None, seconds)."""
+        actors (nothing to execute); resolves to its BuildResult."""
         if not self.actors:
             return asyncio.ensure_future(self._build_here(job, runs))
         return self._submit(-math.inf, ("build", job, runs))
 
-    async def _build_here(self, job: Any, runs: list[StepStreams]) -> tuple:
+    async def _build_here(self, job: Any, runs: list[StepStreams]) -> Any:
         result = await asyncio.to_thread(job.build, runs)
         self.nodes.add(ray.get_runtime_context().get_node_id())
         return result
@@ -105,15 +101,13 @@ class ActorPool:
     async def _call(self, actor: Any, call: tuple) -> Any:
         kind, *args = call
         if kind == "build":
-            trace, parts, seconds, node = await actor.build.remote(*args)
+            result, node = await actor.build.remote(*args)
             self.nodes.add(node)
-            return trace, parts, seconds
+            return result
         task, keep_streams = args
-        if self._run_cache is None:
-            trace, node = await actor.simulate.remote(task, keep_streams)
-        else:  # shared dispatch cache: warm from the snapshot, hand back new entries
-            trace, node, delta = await actor.simulate_cached.remote(task, self._run_cache.arg,
-                                                                    keep_streams)
+        cache_arg = self._run_cache.arg if self._run_cache is not None else None
+        trace, node, delta = await actor.simulate.remote(task, keep_streams, cache_arg)
+        if delta is not None:  # the shared dispatch cache's new entries
             self._run_cache.merge(delta)
         self.nodes.add(node)
         return trace

@@ -4,17 +4,16 @@ ConfigError so the CLI exits 2 with the key at fault."""
 from __future__ import annotations
 
 from simdist.config import ConfigError, SimdistConfig
-from simdist.models import ModelSpec
-
-TP_FAMILIES = ("llama3", "gpt")
+from simdist.families import FAMILIES, ModelSpec
 
 
 def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     par = cfg.parallel
     tp = par.tp
-    if tp > 1 and spec.family not in TP_FAMILIES:
+    if tp > 1 and not spec.registration.tensor_parallel:
+        with_tp = [f.name for f in FAMILIES.values() if f.tensor_parallel]
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
-                                         f"{', '.join(TP_FAMILIES)} models, not {spec.family}; "
+                                         f"{', '.join(with_tp)} models, not {spec.family}; "
                                          "allowed: tp=1")
     if par.zero_stage in (1, 2) and (par.dp_replicate > 1 or tp > 1):
         raise ConfigError("parallel.zero_stage", f"zero_stage {par.zero_stage} shards over dp_shard "
@@ -66,12 +65,10 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
 
 
 def _check_pipeline(cfg: SimdistConfig, spec: ModelSpec) -> None:
-    from simdist.parallel.pipeline import stages_per_rank
-
     par = cfg.parallel
     if spec.n_layers is None:
         raise ConfigError("parallel.pp", "pipelining needs a model with `layers` (a preset family)")
-    stages = par.pp * stages_per_rank(par.pp_schedule, par.pp_virtual_stages)
+    stages = par.stages
     if par.pp_layers is not None:
         if sum(par.pp_layers) != spec.n_layers:
             raise ConfigError("parallel.pp_layers", f"sums to {sum(par.pp_layers)}, but the model "
@@ -85,7 +82,7 @@ def _check_pipeline(cfg: SimdistConfig, spec: ModelSpec) -> None:
                           f"{n_mb} micro-batch(es) per step cannot fill {par.pp} pipeline stages; "
                           f"allowed: global_batch >= dp ({cfg.dp}) x micro_batch "
                           f"({cfg.training.micro_batch}) x pp ({par.pp})")
-    if par.pp_schedule in ("interleaved_1f1b", "zero_bubble") and n_mb % par.pp:
+    if par.stages_per_rank > 1 and n_mb % par.pp:
         raise ConfigError("training.global_batch",
                           f"{par.pp_schedule} needs the micro-batch count ({n_mb}) to be a multiple "
                           f"of pp ({par.pp})")

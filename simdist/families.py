@@ -1,0 +1,134 @@
+"""One registry of model families: a family is one registration (torchtitan's `TrainSpec`) —
+its argument dataclass and model class, its parallelize function, whether it has a TP plan,
+whether the layer memo may rebuild its blocks, and which of its modules call the attention
+kernel (context parallelism swaps that call). Also the resolution
+of a config's model section into a ModelSpec, and building it on meta."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from simdist.models import FLAVORS
+from simdist.models.gpt import GPT, GPTArgs
+from simdist.models.llama3 import Llama3, Llama3Args
+from simdist.models.moe import MoEArgs, MoETransformer
+from simdist.parallel import parallelize_gpt, parallelize_llama3, parallelize_moe
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    args_cls: type | None  # None: a user entrypoint builds the model from its own kwargs
+    model_cls: Callable[[Any], nn.Module] | None
+    parallelize: Callable[..., None]  # (model, mesh, ParallelPlan) -> None, in place
+    tensor_parallel: bool = False  # the family has a TP plan (parallel/tensor_parallel.py)
+    # Every block is the same module type with the same config: the layer memo rebuilds deep
+    # stages from short ones (MoE is not: dense first layers, routing per layer).
+    layer_memo: bool = False
+    # Modules that call simdist.models.kernels.scaled_dot_product_attention by name.
+    attention_modules: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+register(Family("llama3", Llama3Args, Llama3, parallelize_llama3, tensor_parallel=True,
+                layer_memo=True, attention_modules=("simdist.models.llama3",)))
+register(Family("gpt", GPTArgs, GPT, parallelize_gpt, tensor_parallel=True, layer_memo=True,
+                attention_modules=("simdist.models.gpt",)))
+register(Family("moe", MoEArgs, MoETransformer, parallelize_moe,
+                attention_modules=("simdist.models.llama3",)))
+register(Family("custom", None, None, parallelize_llama3))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: the family and its full argument dataclass (or a user entrypoint)."""
+
+    family: str
+    args: Any = None
+    entrypoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int | None:
+        return getattr(self.args, "n_layers", None)
+
+    @property
+    def registration(self) -> Family:
+        return FAMILIES[self.family]
+
+
+class ModelError(ValueError):
+    """Bad model selection; `key` names the config key at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def shape_fields(family: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(FAMILIES[family].args_cls)]
+
+
+def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
+                  attention: str, routing: str = "balanced") -> ModelSpec:
+    """Flavor + overrides -> ModelSpec. Raises ModelError naming the bad key."""
+    if preset not in FLAVORS:
+        raise ModelError("model.preset", f"unknown preset {preset!r}; allowed: {', '.join(FLAVORS)}")
+    family, base = FLAVORS[preset]
+    allowed = shape_fields(family)
+    fields = dict(base)
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise ModelError(f"model.{key}", f"{family} models have no field {key!r}; "
+                                             f"allowed: {', '.join(allowed)}")
+        fields[key] = value
+    if family == "gpt":
+        fields.setdefault("attention", attention)
+    if "routing" in allowed:
+        fields.setdefault("routing", routing)  # token counts per expert: an input, not data
+    if "max_seq_len" in allowed and "max_seq_len" not in overrides:
+        # Positions (GPT's learned table, Llama's RoPE cache) sized to the training sequence.
+        fields["max_seq_len"] = seq_len
+    try:
+        args = FAMILIES[family].args_cls(**fields)
+    except TypeError as e:  # pragma: no cover - guarded by the field check above
+        raise ModelError("model", str(e)) from None
+    return ModelSpec(family=family, args=args)
+
+
+def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any]) -> ModelSpec:
+    module, _, fn = entrypoint.partition(":")
+    if not module or not fn:
+        raise ModelError("model.entrypoint", f"expected 'package.module:function', got {entrypoint!r}")
+    try:
+        getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ModelError("model.entrypoint", f"cannot import {entrypoint!r}: {e}") from None
+    return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs))
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Module:
+    """Instantiate the model on `device` (meta by default: no memory, no data)."""
+    with torch.device(device):
+        if spec.entrypoint:
+            module, _, fn = spec.entrypoint.partition(":")
+            return getattr(importlib.import_module(module), fn)(**spec.kwargs)
+        return FAMILIES[spec.family].model_cls(spec.args)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

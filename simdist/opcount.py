@@ -1,0 +1,54 @@
+"""What one dispatched op does as a GPU kernel, the one rule that the op recorder (mode/ops.py)
+and the dispatch cache's cost rows (cache/costs.py) share: whether it launches a kernel, its
+FLOPs (torch's own formulas, `flop_registry`, the table behind FlopCounterMode) and the HBM
+bytes it reads and writes (tensor sizes, ignoring cache reuse)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_iter
+from torch.utils.flop_counter import flop_registry
+
+# Collectives and bookkeeping are recorded elsewhere (mode/collectives.py) or move no data
+# (`prim.device`, `aten.sym_size`... answer metadata queries).
+SKIP_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_dtensor",
+                   "profiler", "prim"}
+# Allocation and aliasing ops: no kernel touches memory (`_unsafe_view` reinterprets the result
+# of a copy; `empty*` only reserve).
+NO_TRAFFIC = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+              "_unsafe_view", "detach", "alias", "lift_fresh", "set_", "resize_"}
+# Factory ops write their output and read nothing.
+WRITE_ONLY = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
+              "new_ones", "new_full", "fill_", "zero_", "randint", "rand", "randn", "arange",
+              "scalar_tensor"}
+
+
+def tensor_bytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
+
+
+def launches_kernel(func: Any, out: Any) -> bool:
+    """False for views, metadata, allocation and collective ops, and ops without a tensor
+    output: they move no data."""
+    if not isinstance(func, torch._ops.OpOverload) or func.is_view \
+            or func.namespace in SKIP_NAMESPACES:
+        return False
+    if func._overloadpacket.__name__ in NO_TRAFFIC:
+        return False
+    return any(isinstance(t, torch.Tensor) for t in tree_iter(out))
+
+
+def is_write_only(func: torch._ops.OpOverload) -> bool:
+    return func._overloadpacket.__name__ in WRITE_ONLY
+
+
+def kernel_flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> int:
+    """torch's FLOP formula for the op; 0 where it has none (memory-bound ops)."""
+    flop_fn = flop_registry.get(func._overloadpacket)
+    return int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+
+
+def bytes_read(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> int:
+    return 0 if is_write_only(func) else tensor_bytes((args, kwargs))

@@ -1,0 +1,118 @@
+"""Config -> everything that can be decided without simulating: the model spec, the GPU, the
+mesh layout, the exact rank classes and one task per class. Pure (no Ray, no execution), so
+`run`, sweeps, the plan search and the fit solver can call it many times; raises ConfigError
+on bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from simdist.cache.store import resolve_dir
+from simdist.config import ConfigError, SimdistConfig
+from simdist.costmodel import GPUSpec, UnknownGPU, gpu_spec
+from simdist.families import ModelError, ModelSpec, build_model, entrypoint_spec, resolve_model
+from simdist.layout import MeshLayout
+from simdist.parallel.classes import rank_classes
+from simdist.parallel.pipeline import stage_parts
+from simdist.trace import RankTask
+from simdist.validate import check_plan
+
+# Reserved per GPU outside the PyTorch allocator: CUDA context, cuBLAS/NCCL workspaces.
+# (PyTorch's caching allocator and NCCL reserve ~1 GiB together on H100 in torchtitan runs.)
+RESERVED_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one simulation will do: `classes[i]` are the ranks `tasks[i]` stands for."""
+    cfg: SimdistConfig
+    spec: ModelSpec
+    gpu: GPUSpec
+    layout: MeshLayout
+    classes: list[list[int]]
+    tasks: list[RankTask]
+    exhaustive: bool = False  # every rank its own class (to check the classes)
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        return self.gpu.hbm_bytes - RESERVED_BYTES
+
+
+def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
+    m = cfg.model
+    try:
+        if m.entrypoint:
+            return entrypoint_spec(m.entrypoint, m.kwargs)
+        if m.hf:
+            raise ModelError("model.hf", "Hugging Face models need the `transformers` package, "
+                                         "which this installation lacks; allowed: preset, entrypoint")
+        return resolve_model(m.preset, m.overrides(), seq_len=cfg.training.seq_len,
+                             routing=cfg.training.routing,
+                             attention=cfg.training.attention)
+    except ModelError as e:
+        raise ConfigError(e.key, str(e)) from None
+
+
+def resolve_gpu(cfg: SimdistConfig) -> GPUSpec:
+    gpu = cfg.cluster.gpu
+    try:
+        return gpu_spec(gpu if isinstance(gpu, str) else gpu.model_dump())
+    except UnknownGPU as e:
+        raise ConfigError("cluster.gpu", str(e)) from None
+
+
+def layout_of(cfg: SimdistConfig) -> MeshLayout:
+    p = cfg.parallel
+    return MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
+
+
+def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = False) -> RunPlan:
+    """The rank classes and their tasks (`exhaustive`: every rank its own class)."""
+    spec = resolve_spec(cfg)
+    check_plan(cfg, spec)
+    gpu = resolve_gpu(cfg)
+    layout = layout_of(cfg)
+    classes = compute_classes(cfg, spec, layout)
+    if exhaustive:
+        classes = [[r] for r in range(layout.world_size)]
+    cache_dir = str(resolve_dir(cfg.simulation.cache_dir)) if use_cache else None
+    tasks = [RankTask(rank=ranks[0], layout=layout, model=spec, training=cfg.training,
+                      parallel=cfg.parallel, num_microbatches=cfg.num_microbatches,
+                      layer_memo=use_cache and cfg.simulation.layer_memo,
+                      layer_cache_dir=cache_dir)
+             for ranks in classes]
+    return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive)
+
+
+def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout) -> list[list[int]]:
+    p = cfg.parallel
+    dim0_by_stage = []
+    for pp_rank in range(p.pp):  # each pipeline rank's own parameters
+        parts = stage_parts(partial(build_model, spec, "meta"), spec.n_layers or 0, p, pp_rank)
+        dim0 = [prm.shape[0] for _, m in parts for prm in m.parameters() if prm.dim() > 0]
+        if p.tp > 1:
+            # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp.
+            # Adding both sizes can only split classes further, never merge ranks that differ.
+            dim0 += [d // p.tp for d in dim0 if d % p.tp == 0]
+        dim0_by_stage.append(dim0)
+    ep_loads = expert_loads(spec, cfg, layout)
+    # experts' local dim 0 under EP: their own FSDP unit over dp_shard_mod_ep
+    expert_dim0 = [spec.args.n_experts // p.ep] if p.ep > 1 else []
+    return list(rank_classes(layout, dim0_by_stage, ep_loads, expert_dim0).values())
+
+
+def expert_loads(spec: ModelSpec, cfg: SimdistConfig, layout: MeshLayout) -> list[tuple] | None:
+    """Tokens each EP rank's experts receive, per MoE layer: what makes EP ranks differ."""
+    if layout.ep == 1:
+        return None
+    from simdist.parallel.expert_parallel import ep_received_counts
+
+    n_tokens = cfg.training.micro_batch * cfg.training.seq_len // (
+        cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    try:
+        return [tuple(map(tuple, ep_received_counts(spec.args, spec.args.routing, n_tokens,
+                                                    layout.ep, r)))
+                for r in range(layout.ep)]
+    except (ValueError, OSError) as e:
+        raise ConfigError("training.routing", str(e)) from None

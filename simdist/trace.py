@@ -1,0 +1,151 @@
+"""The contracts every layer reads: what a worker is asked (RankTask), what one recorded step
+did (StepStreams, in execution order, as named event records) and what a worker answers
+(RankTrace). Tasks and traces pickle cheaply: the tables are Arrow, which Ray moves through
+its object store without copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pyarrow as pa
+
+from simdist.config import ParallelConfig, TrainingConfig
+from simdist.layout import MeshLayout
+
+if TYPE_CHECKING:
+    from simdist.families import ModelSpec
+
+
+# --- step streams: the recorders' events ---------------------------------------------------------
+
+class MemoryEvent(NamedTuple):
+    """delta != 0: an allocation (+) or free (-) of live bytes; saved_delta != 0 (with delta
+    == 0): a change of the bytes autograd keeps for backward (the activation curve)."""
+    phase: str
+    module: Any  # str; the layer memo puts a position-relative reference here while it works
+    op: str
+    delta: int
+    saved_delta: int
+
+
+class OpHead(NamedTuple):
+    op: str
+    phase: str
+    module: Any
+    weight: int  # how many micro-batches this execution stands for
+    flops: int
+    write_only: bool  # factories: they write their output and read nothing
+
+
+class OpItem(NamedTuple):
+    """One tensor of a kernel: an argument ("a", "shape:dtype", bytes) or an output ("o", "",
+    bytes). Foreach ops (the optimizer's) carry one item per tensor of their lists."""
+    role: str
+    shape: str
+    nbytes: int
+
+
+class OpEvent(NamedTuple):
+    head: OpHead
+    items: tuple[OpItem, ...]
+
+
+class CollectiveEvent(NamedTuple):
+    op: str
+    kind: str
+    mesh_dim: str
+    group_size: int
+    bytes: int
+    phase: str
+    module: Any
+    peer: int  # point-to-point: the peer's rank within the group; -1 for collectives
+    weight: int
+
+
+STREAMS = ("memory", "ops", "collectives")
+
+
+def named_event(stream: str, plain: tuple) -> tuple:
+    """An event of `stream` from its plain tuple form (as JSON gives it back)."""
+    if stream == "memory":
+        return MemoryEvent(*plain)
+    if stream == "collectives":
+        return CollectiveEvent(*plain)
+    head, items = plain
+    return OpEvent(OpHead(*head), tuple(OpItem(*i) for i in items))
+
+
+# Scalars of the step that are not events: live and saved bytes when recording starts (resident
+# parameters, optimizer state, buffers) and the storage sizes read at the optimizer step.
+SCALARS = ("initial_live", "initial_saved", "param_bytes", "grad_bytes", "optimizer_bytes",
+           "executed_microbatches")
+
+
+@dataclass
+class StepStreams:
+    memory: list[MemoryEvent] = field(default_factory=list)
+    ops: list[OpEvent] = field(default_factory=list)
+    collectives: list[CollectiveEvent] = field(default_factory=list)
+    scalars: dict[str, int] = field(default_factory=dict)
+
+
+# --- a rank's task and its trace ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankTask:
+    """One rank to simulate: its place in the mesh, the model, and the config sections that
+    decide its execution (never copies of their fields)."""
+    rank: int
+    layout: MeshLayout
+    model: ModelSpec
+    training: TrainingConfig
+    parallel: ParallelConfig
+    num_microbatches: int
+    # Execute every micro-batch instead of the distinct ones (the rest repeat exactly).
+    all_microbatches: bool = False
+    # Rebuild deep stages from short ones (the layer memo) where it applies, and keep / reuse
+    # the memo's models in this cache dir (None: no store).
+    layer_memo: bool = True
+    layer_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        p = self.parallel
+        if self.layout != MeshLayout.from_parallel(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp,
+                                                   p.ep):
+            raise ValueError(f"RankTask: layout {self.layout} is not the mesh of {p!r}")
+
+    def with_parallel(self, **changes: Any) -> RankTask:
+        return replace(self, parallel=self.parallel.model_copy(update=changes))
+
+
+@dataclass
+class RankTrace:
+    rank: int
+    peak_bytes: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    other_bytes: int
+    peak_phase: str
+    peak_module: str
+    flops: int  # every executed FLOP of the step (all micro-batches, recompute included)
+    model_flops: int  # 3 x forward FLOPs: the model-FLOPs convention (no recompute)
+    hbm_bytes: int
+    comm_bytes: int
+    ops: pa.Table
+    collectives: pa.Table
+    memory: pa.Table
+    executed_microbatches: int
+    wall_s: float
+    fake_cache: dict[str, int] = field(default_factory=dict)
+    # The step's event streams: kept only for the layer memo's short steps, which a build
+    # fits; dropped otherwise.
+    streams: StepStreams | None = None
+    # How this trace was obtained: "full" execution (memo not applicable or off), "fallback"
+    # (memo tried, did not fit), "memo" (short stages executed), "memo-hit" (memo model read
+    # from the layer store, nothing executed); blocks executed vs blocks on this rank.
+    layer_memo: str = "full"
+    blocks_executed: int = 0
+    blocks_total: int = 0
