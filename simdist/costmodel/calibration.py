@@ -64,6 +64,8 @@ def _rows() -> list[tuple[str, str, float, str]]:
             "128x256x64) and the tile cuBLAS heuristics pick for large GEMMs")
     add("*", "gemm_tile_m", 128, tile)
     add("*", "gemm_tile_n", 256, tile)
+    add("*", "gemm_splitk_min_k", 256, "CUTLASS split-K (splitk_gemm examples, GemmSplitKParallel) "
+        "and cuBLAS heuristics split K only into slices of several k-tiles; 4 k-tiles of 64")
     add("mi300x", "gemm_tile_m", 256, "hipBLASLt/Tensile macro tile MT256x256 for large bf16 GEMMs")
     add("mi300x", "gemm_tile_n", 256, "hipBLASLt/Tensile macro tile MT256x256 for large bf16 GEMMs")
 
@@ -186,6 +188,7 @@ def _family(key: str) -> str:
 
 _KINDS = {
     "gemm_ceiling": "fraction", "sm_count": "count", "gemm_tile_m": "count", "gemm_tile_n": "count",
+    "gemm_splitk_min_k": "count",
     "attn_fwd_efficiency": "fraction", "attn_bwd_efficiency": "fraction", "hbm_fraction": "fraction",
     "launch_floor_s": "nonneg", "foreach_chunk_elems": "count", "foreach_max_blocks": "count",
     "foreach_max_tensors": "count", "nccl_base_latency_s": "nonneg", "nccl_hop_latency_s": "nonneg",
@@ -267,6 +270,9 @@ class Calibration:
     def gemm_tile(self, gpu: str) -> tuple[int, int]:
         """(rows, cols) of the output tile one SM computes."""
         return int(self.get("gemm_tile_m", gpu)), int(self.get("gemm_tile_n", gpu))
+
+    def gemm_splitk_min_k(self, gpu: str) -> int:
+        return int(self.get("gemm_splitk_min_k", gpu))
 
     def attn_efficiency(self, gpu: str, backward: bool) -> float:
         return self.get("attn_bwd_efficiency" if backward else "attn_fwd_efficiency", gpu)

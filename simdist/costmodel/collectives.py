@@ -254,9 +254,10 @@ def collective_times(kind: Sequence[str] | str, nbytes: Sequence[float], group_s
 
     def col(x, dt) -> np.ndarray:
         a = np.asarray(x, dtype=dt)
-        a = np.full(m, a.item() if a.ndim == 0 else a, dtype=dt) if a.ndim == 0 else a
+        if a.ndim == 0:
+            a = np.full(m, a.item(), dtype=dt)
         if a.shape != (m,):
-            raise ValueError(f"column of length {a.shape[0]} for {m} collectives")
+            raise ValueError(f"column of shape {a.shape} for {m} collectives")
         return a
 
     kinds = col(kind, object)
