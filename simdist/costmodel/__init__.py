@@ -1,15 +1,43 @@
-"""Time model: hardware presets, op roofline, collective bandwidth model, step combiner.
+"""Time model: hardware presets, calibration table, kernel times per op class, NCCL-style
+collective times, op roofline, step combiner.
 
 A library: it imports nothing else from simdist.
 """
 
-from simdist.costmodel.collectives import COLLECTIVE_KINDS, collective_time, group_link_bw, link_bw
+from simdist.costmodel.calibration import (
+    CALIBRATION_SCHEMA,
+    Calibration,
+    default_calibration,
+    load_calibration,
+)
+from simdist.costmodel.collectives import (
+    COLLECTIVE_KINDS,
+    CollectiveEstimate,
+    Placement,
+    collective_time,
+    collective_times,
+    group_link_bw,
+    link_bw,
+    nccl_collective,
+)
 from simdist.costmodel.hardware import PRESETS, GPUSpec, InvalidGPUSpec, UnknownGPU, gpu_spec
+from simdist.costmodel.kernels import OpClass, kernel_times, op_class
 from simdist.costmodel.roofline import KERNEL_LAUNCH_FLOOR_S, op_time, op_times
 from simdist.costmodel.schedule import StepTime, combine, mfu, pipeline_bubble
 
 __all__ = [
+    "CALIBRATION_SCHEMA",
     "COLLECTIVE_KINDS",
+    "Calibration",
+    "CollectiveEstimate",
+    "OpClass",
+    "Placement",
+    "collective_times",
+    "default_calibration",
+    "kernel_times",
+    "load_calibration",
+    "nccl_collective",
+    "op_class",
     "GPUSpec",
     "InvalidGPUSpec",
     "KERNEL_LAUNCH_FLOOR_S",
