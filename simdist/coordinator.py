@@ -109,6 +109,7 @@ def _task(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout, rank: int,
                     pp_virtual_stages=cfg.parallel.pp_virtual_stages,
                     pp_layers=tuple(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None,
                     zero_stage=cfg.parallel.zero_stage,
+                    grad_sync=t.grad_sync,
                     layer_memo=use_cache and cfg.simulation.layer_memo,
                     layer_cache_dir=(str(resolve_dir(cfg.simulation.cache_dir))
                                      if use_cache else None))

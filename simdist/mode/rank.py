@@ -26,6 +26,7 @@ from simdist.mode.trace import RankTask, RankTrace
 from simdist.mode.pipeline import run_pipeline_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims, parallelize
 from simdist.parallel.context_parallel import context_parallel
+from simdist.parallel.data_parallel import grad_sync_rule
 from simdist.parallel.zero import ZeroOptimizer
 from simdist.parallel.pipeline import stage_parts, stages_per_rank
 
@@ -216,6 +217,10 @@ def execute_rank(task: RankTask) -> RankTrace:
             fields = run_step(parts[0][1], optimizer, fake_mode, ctx,
                               all_microbatches=task.all_microbatches,
                               loss_parallel=plan.loss_parallel,
+                              grad_sync=grad_sync_rule(task.grad_sync,
+                                                       task.layout.degree("dp_replicate"),
+                                                       task.layout.degree("dp_shard"),
+                                                       task.zero_stage),
                               step_context=(partial(context_parallel, mesh["cp"]) if cp > 1
                                             else contextlib.nullcontext), **common)
     fields["wall_s"] = time.perf_counter() - t0

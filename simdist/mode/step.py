@@ -1,9 +1,12 @@
 """One training step of one rank on fake tensors, recorded.
 
-Micro-batches: the first creates the gradients, the second accumulates into them; the third and
-later ones repeat the second exactly (same shapes, same live state, same collectives), so by
-default the second is executed once with weight n-1 (`all_microbatches` executes them all, which
-the tests use to prove the two give the same rows)."""
+Micro-batches: the first creates the gradients, the ones after it accumulate into them, and the
+last one runs the reductions that gradient sync once per step holds back (training.grad_sync,
+simdist.parallel.data_parallel.GradSync). The middle ones repeat each other exactly (same
+shapes, same live state, same collectives), so by default one is executed with the weight of
+all: first, middle (weight n-2) and last; where the last reduces as every micro-batch does
+(sync after every micro-batch), first and the second with weight n-1. `all_microbatches`
+executes them all, which the tests use to prove the two give the same rows."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
 from simdist.mode.streams import StepStreams, summarize
 from simdist.parallel.checkpointing import observe_checkpoint_inputs
+from simdist.parallel.data_parallel import PER_MICROBATCH, GradSync
 
 
 def _storage_bytes(tensors) -> int:  # noqa: ANN001
@@ -125,6 +129,15 @@ def record_step(
     return fields
 
 
+def microbatch_weights(n: int, all_microbatches: bool, last_differs: bool) -> list[int]:
+    """The weight of each executed micro-batch (they sum to n): all n, or first, one middle
+    standing for the n-2 identical ones and last; where the last is like the middle ones, first
+    and one standing for n-1."""
+    if all_microbatches or n <= 2:
+        return [1] * n
+    return [1, n - 2, 1] if last_differs else [1, n - 1]
+
+
 def run_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -139,20 +152,21 @@ def run_step(
     all_microbatches: bool,
     loss_parallel: bool = False,
     step_context: Callable[[], Any] = contextlib.nullcontext,
+    grad_sync: GradSync = PER_MICROBATCH,
 ) -> dict:
-    """One step without pipelining: a plain gradient-accumulation loop. `step_context` wraps
-    the forwards and backwards (context parallelism; then `seq_len` is the local length)."""
-    executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
-    weights = [1] * executed
-    if executed < num_microbatches:
-        weights[-1] = num_microbatches - 1
+    """One step without pipelining: a gradient-accumulation loop, with FSDP2's gradient sync
+    set before each micro-batch as `grad_sync` says. `step_context` wraps the forwards and
+    backwards (context parallelism; then `seq_len` is the local length)."""
+    weights = microbatch_weights(num_microbatches, all_microbatches, grad_sync.last_differs)
+    executed = len(weights)
 
     def microbatches(mem: MemoryTracker) -> int:
         with step_context():
             return _accumulate(mem)
 
     def _accumulate(mem: MemoryTracker) -> int:
-        for weight in weights:
+        for i, weight in enumerate(weights):
+            grad_sync.before_microbatch(model, last=i == executed - 1)
             # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
             # shards, as torchtitan does with `loss_parallel`.
             lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()

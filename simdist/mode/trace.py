@@ -28,6 +28,7 @@ class RankTask:
     pp_virtual_stages: int = 2
     pp_layers: tuple[int, ...] | None = None
     zero_stage: int = 3
+    grad_sync: str = "auto"  # training.grad_sync (simdist.parallel.data_parallel.grad_sync_rule)
     # Execute every micro-batch instead of the first two (the rest repeat the second exactly).
     all_microbatches: bool = False
     # Rebuild deep stages from short ones (mode/layer_memo.py) where the memo applies, and
