@@ -1,12 +1,12 @@
 """One training step of one rank on fake tensors, recorded.
 
-Micro-batches: the first creates the gradients, the ones after it accumulate into them, and the
-last one runs the reductions that gradient sync once per step holds back (training.grad_sync,
-simdist.parallel.data_parallel.GradSync). The middle ones repeat each other exactly (same
-shapes, same live state, same collectives), so by default one is executed with the weight of
-all: first, middle (weight n-2) and last; where the last reduces as every micro-batch does
-(sync after every micro-batch), first and the second with weight n-1. `all_microbatches`
-executes them all, which the tests use to prove the two give the same rows."""
+Micro-batches: the first creates the gradients, the middle ones accumulate into them, and where
+gradients sync once per step (training.grad_sync, simdist.parallel.data_parallel.GradSync) the
+last one runs the reductions the others held back. The middle ones repeat each other exactly
+(same shapes, same live state, same collectives), so by default one of them is executed, with
+weight n-2, between the first and the last; where every micro-batch reduces alike, the first
+and the second with weight n-1. `all_microbatches` executes them all, which the tests use to
+prove the two give the same rows."""
 
 from __future__ import annotations
 
