@@ -119,6 +119,10 @@ class TrainingConfig(BaseModel):
     activation_checkpointing: Literal["none", "selective", "full", "op"] = "none"
     attention: Literal["flash", "eager"] = "flash"
     routing: str = "balanced"  # MoE token routing: balanced | zipf:<alpha> | file:<path>
+    # When data parallelism reduces gradients over a step's micro-batches: once per step (all
+    # but the last micro-batch accumulate without communication), after every micro-batch, or
+    # as real code does for the plan (simdist.parallel.data_parallel.grad_sync_rule).
+    grad_sync: Literal["auto", "per_step", "per_microbatch"] = "auto"
 
     @field_validator("routing")
     @classmethod
@@ -310,6 +314,8 @@ def _resolve(cfg: SimdistConfig) -> None:
             "parallel load balancing splits the sequence into 2*cp chunks)",
         )
 
+    _check_grad_sync(cfg)
+
     per_step = cfg.dp * t.micro_batch
     if t.global_batch is None:
         t.global_batch = per_step
@@ -318,6 +324,26 @@ def _resolve(cfg: SimdistConfig) -> None:
             "training.global_batch",
             f"{t.global_batch} must be a multiple of dp ({cfg.dp}) x micro_batch ({t.micro_batch})"
             f" = {per_step}",
+        )
+
+
+def _check_grad_sync(cfg: SimdistConfig) -> None:
+    """Plans whose gradient reduction is fixed by the code that runs them."""
+    p, sync = cfg.parallel, cfg.training.grad_sync
+    if p.pp > 1 and sync == "per_microbatch":
+        raise ConfigError(
+            "training.grad_sync",
+            "per_microbatch is not possible with pp > 1: torch.distributed.pipelining reduces "
+            "gradients once per step (its stages turn FSDP's gradient sync off for every "
+            "micro-batch and reduce after the last); allowed: auto, per_step",
+        )
+    own = {1: "per_step", 2: "per_microbatch"}.get(p.zero_stage)
+    if own is not None and sync not in ("auto", own):
+        raise ConfigError(
+            "training.grad_sync",
+            f"{sync} is not possible with zero_stage {p.zero_stage}: ZeRO-1 reduce-scatters the "
+            "accumulated gradients at the optimizer step (once per step), ZeRO-2 after every "
+            f"micro-batch; allowed: auto, {own}",
         )
 
 

@@ -119,9 +119,9 @@ def test_fsdp_collectives_have_exact_bytes_per_unit():
     assert per_mb_rs == 4 * (root_params + a.n_layers * layer_params)
 
 
-def test_ddp_all_reduces_every_gradient_once_per_microbatch():
+def test_ddp_per_microbatch_all_reduces_every_gradient_after_every_microbatch():
     model = spec("llama3-debug")
-    tr = run_rank(model, dp_replicate=4, num_microbatches=3)
+    tr = run_rank(model, dp_replicate=4, num_microbatches=3, grad_sync="per_microbatch")
     rows = tr.collectives.to_pylist()
     assert {r["kind"] for r in rows} == {"all_reduce"}
     assert {r["mesh_dim"] for r in rows} == {"dp_replicate"}
@@ -129,13 +129,124 @@ def test_ddp_all_reduces_every_gradient_once_per_microbatch():
     assert sum(r["count"] * r["bytes"] for r in rows) == 3 * 4 * n  # fp32, every micro-batch
 
 
-def test_repeated_microbatches_equal_full_execution():
+def _gpt_params_per_tp_rank(a, tp: int, seq_len: int) -> tuple[int, int]:  # noqa: ANN001
+    """(one block, the root) parameters of a GPT rank under Megatron TP (derived from the plan in
+    parallel/tensor_parallel.py): qkv and fc1 colwise (weight and bias split), proj and fc2
+    rowwise (weight split, bias replicated), LayerNorms replicated; the tied [V, h] embedding
+    vocab-sharded, the position table ([seq_len, h], max_seq_len = seq_len) and the final norm
+    replicated."""
+    h, f = a.dim, a.hidden_ffn
+    block = (3 * h * h + 3 * h + h * h + h * f + f + f * h) // tp + 2 * h + 4 * h
+    root = a.vocab_size * h // tp + seq_len * h + 2 * h
+    return block, root
+
+
+def _dp_sums(tr, kind: str, mesh_dim: str) -> tuple[int, int]:  # noqa: ANN001
+    """(collectives, bytes) of one kind on one mesh dim over the step (row counts are weights)."""
+    rows = [r for r in tr.collectives.to_pylist() if r["kind"] == kind and r["mesh_dim"] == mesh_dim]
+    return sum(r["count"] for r in rows), sum(r["count"] * r["bytes"] for r in rows)
+
+
+def test_gpt_tp_ddp_per_step_all_reduces_once_per_bucket_per_step():
+    # The calibration row's shape (GPT, TP x DDP, full recompute, several micro-batches), small.
+    model = spec("gpt-debug")
+    a, tp, seq = model.args, 2, 256
+    block, root = _gpt_params_per_tp_rank(a, tp, seq)
+    per_rank = a.n_layers * block + root
+    buckets = a.n_layers + 1  # one FSDP2 param group per block + the root (apply_ddp)
+    kw = dict(dp_replicate=2, tp=tp, seq_len=seq, activation_checkpointing="full")
+    for n in (2, 5):
+        step = run_rank(model, num_microbatches=n, grad_sync="per_step", **kw)
+        # fp32 gradient reduction (mixed_precision: reduce_dtype float32), once per step
+        assert _dp_sums(step, "all_reduce", "dp_replicate") == (buckets, 4 * per_rank), n
+        every = run_rank(model, num_microbatches=n, grad_sync="per_microbatch", **kw)
+        assert _dp_sums(every, "all_reduce", "dp_replicate") == (n * buckets, n * 4 * per_rank), n
+        # the fp32 gradients are all-reduced in place either way: the same memory
+        assert step.peak_bytes == every.peak_bytes and step.grad_bytes == every.grad_bytes
+        # auto is per_step for DDP
+        auto = run_rank(model, num_microbatches=n, **kw)
+        assert auto.collectives.equals(step.collectives)
+
+
+def test_fsdp_per_step_reduce_scatters_once_and_holds_unsharded_grads():
     model = spec("llama3-debug")
-    short = run_rank(model, dp_shard=4, num_microbatches=4)
-    full = run_rank(model, dp_shard=4, num_microbatches=4, all_microbatches=True)
-    assert short.executed_microbatches == 2 and full.executed_microbatches == 4
+    n_params = count_params(build_model(model))
+    shard, n = 4, 4
+    step = run_rank(model, dp_shard=shard, num_microbatches=n, grad_sync="per_step")
+    every = run_rank(model, dp_shard=shard, num_microbatches=n, grad_sync="per_microbatch")
+    units = model.args.n_layers + 1
+    # reduce-scatter inputs are the unsharded fp32 gradients of each unit
+    assert _dp_sums(step, "reduce_scatter", "dp_shard") == (units, 4 * n_params)
+    assert _dp_sums(every, "reduce_scatter", "dp_shard") == (n * units, n * 4 * n_params)
+    # parameters are all-gathered as before (forward and backward of every micro-batch)
+    assert _dp_sums(step, "all_gather", "dp_shard") == _dp_sums(every, "all_gather", "dp_shard")
+    # FSDP2 with requires_gradient_sync off keeps each unit's unsharded gradient, upcast to the
+    # reduce dtype (fp32, `to_accumulated_grad_if_needed`), until the last micro-batch's
+    # reduce-scatter: 4 bytes x all parameters held where per_microbatch holds the fp32 shards
+    # (4 bytes x parameters / shard) it reduce-scattered into.
+    assert step.peak_bytes - every.peak_bytes == 4 * n_params - 4 * n_params // shard
+    assert step.grad_bytes == every.grad_bytes == 4 * n_params // shard
+    # auto follows torchtitan's train_step for FSDP: a reduce-scatter after every micro-batch
+    assert run_rank(model, dp_shard=shard, num_microbatches=n).collectives.equals(every.collectives)
+
+
+def test_hsdp_auto_reduce_scatters_every_microbatch_and_all_reduces_once():
+    model = spec("llama3-debug")
+    n_params = count_params(build_model(model))
+    rep, shard, n = 2, 2, 3
+    units = model.args.n_layers + 1
+    auto = run_rank(model, dp_replicate=rep, dp_shard=shard, num_microbatches=n)
+    assert _dp_sums(auto, "reduce_scatter", "dp_shard") == (n * units, n * 4 * n_params)
+    # the all-reduce carries the reduce-scattered fp32 shards, accumulated over the step
+    assert _dp_sums(auto, "all_reduce", "dp_replicate") == (units, 4 * n_params // shard)
+    step = run_rank(model, dp_replicate=rep, dp_shard=shard, num_microbatches=n, grad_sync="per_step")
+    assert _dp_sums(step, "reduce_scatter", "dp_shard") == (units, 4 * n_params)
+    assert _dp_sums(step, "all_reduce", "dp_replicate") == (units, 4 * n_params // shard)
+    every = run_rank(model, dp_replicate=rep, dp_shard=shard, num_microbatches=n,
+                     grad_sync="per_microbatch")
+    assert _dp_sums(every, "all_reduce", "dp_replicate") == (n * units, n * 4 * n_params // shard)
+    # accumulating the shards (auto) costs what keeping reduced shards costs (per_microbatch)
+    assert auto.peak_bytes == every.peak_bytes
+    assert step.peak_bytes - every.peak_bytes == 4 * n_params - 4 * n_params // shard
+
+
+def test_grad_sync_auto_per_plan_kind():
+    from simdist.parallel.data_parallel import PER_MICROBATCH, PER_STEP, GradSync, grad_sync_rule
+
+    assert grad_sync_rule("auto", 8, 1, 3) == PER_STEP  # DDP: no_sync until the last
+    assert grad_sync_rule("auto", 1, 8, 3) == PER_MICROBATCH  # FSDP: torchtitan
+    assert grad_sync_rule("auto", 1, 1, 3) == PER_MICROBATCH  # one GPU (FSDP over one rank)
+    assert grad_sync_rule("auto", 2, 4, 3) == GradSync(reduce=True, all_reduce=False)  # HSDP
+    # ZeRO-1/2 are not FSDP2: their own rule, nothing to toggle
+    assert not grad_sync_rule("auto", 1, 8, 1).last_differs
+    assert not grad_sync_rule("auto", 1, 8, 2).last_differs
+    for kind in [(8, 1), (1, 8), (2, 4)]:
+        assert grad_sync_rule("per_step", *kind, 3) == PER_STEP
+        assert grad_sync_rule("per_microbatch", *kind, 3) == PER_MICROBATCH
+
+
+PLANS = {"ddp": dict(dp_replicate=4), "fsdp": dict(dp_shard=4),
+         "hsdp": dict(dp_replicate=2, dp_shard=2)}
+
+
+@pytest.mark.parametrize("grad_sync", ["per_step", "per_microbatch", "auto"])
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_repeated_microbatches_equal_full_execution(plan, grad_sync):
+    from simdist.parallel.data_parallel import grad_sync_rule
+
+    model = spec("llama3-debug")
+    kw = dict(PLANS[plan], num_microbatches=4, grad_sync=grad_sync)
+    short = run_rank(model, **kw)
+    full = run_rank(model, all_microbatches=True, **kw)
+    # first, middle (weight 2), last where the last reduces what the others hold back;
+    # else first and second (weight 3)
+    last_differs = grad_sync_rule(grad_sync, kw.get("dp_replicate", 1), kw.get("dp_shard", 1),
+                                  3).last_differs
+    assert short.executed_microbatches == (3 if last_differs else 2)
+    assert full.executed_microbatches == 4
     for field in ("peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
-                  "other_bytes", "flops", "model_flops", "hbm_bytes", "comm_bytes"):
+                  "other_bytes", "peak_phase", "peak_module", "flops", "model_flops", "hbm_bytes",
+                  "comm_bytes"):
         assert getattr(short, field) == getattr(full, field), field
     key = lambda t: sorted(map(str, t.to_pylist()))  # noqa: E731
     assert key(short.ops) == key(full.ops)

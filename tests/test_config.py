@@ -30,6 +30,7 @@ FULL = {
         "activation_checkpointing": "selective",
         "attention": "eager",
         "routing": "zipf:1.2",
+        "grad_sync": "auto",  # pp 2 allows auto and per_step, ZeRO-2 auto and per_microbatch
     },
     "parallel": {
         "dp_replicate": 2,
@@ -67,12 +68,22 @@ def test_defaults_from_empty_dict():
     assert cfg.parallel.dp_shard == 8 and cfg.dp == 8
     assert cfg.training.global_batch == 8 and cfg.num_microbatches == 1
     assert cfg.simulation.workers == "auto"
+    assert cfg.training.grad_sync == "auto"
 
 
 def test_empty_file_and_empty_section_mean_defaults(tmp_path):
     assert load_config(write(tmp_path, "")).to_dict() == load_config({}).to_dict()
     cfg = load_config(write(tmp_path, "training:\nparallel: {tp: 2}\n"))
     assert cfg.training.seq_len == 2048 and cfg.parallel.tp == 2
+
+
+def test_grad_sync_values_are_accepted_where_the_plan_can_run_them():
+    for value in ("auto", "per_step", "per_microbatch"):
+        assert load_config({}, [f"training.grad_sync={value}"]).training.grad_sync == value
+    pp = {"training": {"global_batch": 16}, "parallel": {"pp": 2}}
+    assert load_config(pp, ["training.grad_sync=per_step"]).training.grad_sync == "per_step"
+    zero1 = {"parallel": {"zero_stage": 1}}
+    assert load_config(zero1, ["training.grad_sync=per_step"]).training.grad_sync == "per_step"
 
 
 def test_full_yaml_round_trips(tmp_path):
@@ -180,6 +191,16 @@ BAD = {
     "activation_checkpointing": ({"training": {"activation_checkpointing": "yes"}}, [],
                                  "training.activation_checkpointing", ["none", "selective", "full", "op"]),
     "zero_stage": ({"parallel": {"zero_stage": 0}}, [], "parallel.zero_stage", ["1, 2, 3"]),
+    "grad_sync": ({"training": {"grad_sync": "once"}}, [], "training.grad_sync",
+                  ["'once'", "auto", "per_step", "per_microbatch"]),
+    "grad_sync per_microbatch with pp": (
+        {"training": {"grad_sync": "per_microbatch", "global_batch": 16}, "parallel": {"pp": 2}}, [],
+        "training.grad_sync", ["pp > 1", "pipelining", "allowed: auto, per_step"],
+    ),
+    "grad_sync against zero 1": ({"training": {"grad_sync": "per_microbatch"}, "parallel": {"zero_stage": 1}},
+                                 [], "training.grad_sync", ["zero_stage 1", "allowed: auto, per_step"]),
+    "grad_sync against zero 2": ({"training": {"grad_sync": "per_step"}, "parallel": {"zero_stage": 2}},
+                                 [], "training.grad_sync", ["zero_stage 2", "allowed: auto, per_microbatch"]),
     "zero degree": ({"parallel": {"tp": 0}}, [], "parallel.tp", ["got 0", ">= 1"]),
     "negative degree": ({"parallel": {"pp": -2}}, [], "parallel.pp", ["got -2", ">= 1"]),
     "bad dp_shard": ({"parallel": {"dp_shard": 0}}, [], "parallel.dp_shard", ["-1", ">= 1"]),

@@ -42,6 +42,18 @@ def test_gpt_eager_tp_selective_equals_full_execution() -> None:
                 activation_checkpointing="selective")
 
 
+def test_ddp_per_step_four_microbatches_equals_full_execution() -> None:
+    # first, middle (weight 2) and last micro-batch differ: no_sync until the last all-reduce
+    assert_same(spec("llama3-debug", n_layers=6), dp_replicate=2, num_microbatches=4,
+                grad_sync="per_step")
+
+
+def test_fsdp_per_step_and_hsdp_auto_equal_full_execution() -> None:
+    model = spec("gpt-debug", n_layers=6)
+    assert_same(model, dp_shard=2, num_microbatches=3, grad_sync="per_step")
+    assert_same(model, dp_replicate=2, dp_shard=2, num_microbatches=3)
+
+
 def test_pipeline_1f1b_middle_stage_equals_full_execution() -> None:
     # stage 1 of 2 holds layers 6..11: module names carry the stage's layer offset
     assert_same(spec("llama3-debug", n_layers=12), pp=2, dp_shard=2, num_microbatches=4, rank=2)

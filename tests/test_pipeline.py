@@ -110,3 +110,35 @@ def test_uneven_split_puts_the_peak_on_the_heaviest_stage():
     a = model.args
     layer = count_params(build_model(spec("llama3-debug", n_layers=1))) - 2 * a.vocab_size * a.dim - a.dim
     assert heavy.param_bytes == 4 * 5 * layer  # exactly its five blocks, fp32
+
+
+@pytest.mark.parametrize("dp", [dict(dp_shard=2), dict(dp_replicate=2),
+                                dict(dp_replicate=2, dp_shard=2)], ids=["fsdp", "ddp", "hsdp"])
+def test_pipelining_reduces_gradients_once_per_step(dp):
+    # torch.distributed.pipelining's stage turns FSDP2's gradient sync off for every backward
+    # (backward_maybe_with_nosync) and reduces after the last (perform_reduce_grad): once per
+    # step whatever the micro-batch count, which grad_sync auto (and per_step) keep.
+    from functools import partial
+
+    from simdist.config import ParallelConfig
+    from simdist.parallel.pipeline import stage_parts
+
+    m = spec("llama3-debug", n_layers=4, seq_len=S)
+    (_, stage0), = stage_parts(partial(build_model, m, "meta"), 4, ParallelConfig(pp=2), 0)
+    n_stage = sum(p.numel() for p in stage0.parameters())
+    units = len(stage0.layers) + 1
+    shard = dp.get("dp_shard", 1)
+    for n in (2, 4):
+        tr = run_rank(m, pp=2, num_microbatches=n, **dp)
+        sums = {}
+        for r in tr.collectives.to_pylist():
+            if r["kind"] in ("reduce_scatter", "all_reduce"):
+                c = sums.setdefault((r["kind"], r["mesh_dim"]), [0, 0])
+                c[0] += r["count"]
+                c[1] += r["count"] * r["bytes"]
+        expected = {}
+        if shard > 1:
+            expected[("reduce_scatter", "dp_shard")] = [units, 4 * n_stage]
+        if dp.get("dp_replicate", 1) > 1:
+            expected[("all_reduce", "dp_replicate")] = [units, 4 * n_stage // shard]
+        assert sums == expected, n

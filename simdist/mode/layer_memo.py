@@ -200,15 +200,15 @@ def _copies(stream: str, part: list[tuple], extra: int) -> list[tuple]:
     return out
 
 
-def _render(stream: str, e: _Insert, split: int, extra: int) -> list[tuple]:
-    return _copies(stream, e.segment[:split], extra) + _copies(stream, e.segment[split:], extra)
+def _render(stream: str, segment: list[tuple], split: int, extra: int) -> list[tuple]:
+    return _copies(stream, segment[:split], extra) + _copies(stream, segment[split:], extra)
 
 
 def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra: int,
                 target: list[tuple] | None = None) -> list[tuple]:
     """The stream with `extra` blocks inserted after position `after` of every stage. With
-    `target` (the executed stream for that depth), the edits' splits are chosen to reproduce
-    it, and FitError is raised where none does."""
+    `target` (the executed stream for that depth), the edits' places and splits are chosen to
+    reproduce it (`_place`), and FitError is raised where none does."""
     base = _shift_after(stream, short, after, extra)
     out: list[tuple] = []
     cursor = 0
@@ -217,7 +217,10 @@ def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra:
         if target is not None and target[len(out) - upto:len(out)] != out[len(out) - upto:]:
             raise FitError(f"prediction differs before event {len(out)}")
 
-    for e in edits:
+    for i, e in enumerate(edits):
+        if target is not None and isinstance(e, _Insert):
+            limit = edits[i + 1].at if i + 1 < len(edits) else len(short)
+            _place(stream, e, short, base, cursor, out, target, after, extra, limit)
         chunk = base[cursor:e.at]
         out.extend(chunk)
         check(len(chunk))
@@ -228,20 +231,37 @@ def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra:
             check(1)
             cursor += 1
             continue
-        if target is not None:
-            at = len(out)
-            for split in [len(e.segment)] + list(range(1, len(e.segment))):
-                rendered = _render(stream, e, split, extra)
-                if target[at:at + len(rendered)] == rendered:
-                    e.split = split
-                    break
-            else:
-                raise FitError(f"no split of the segment inserted at {e.at} fits")
-        out.extend(_render(stream, e, e.split, extra))
+        out.extend(_render(stream, e.segment, e.split, extra))
     out.extend(base[cursor:])
     if target is not None and out != target:
         raise FitError("prediction differs at the end")
     return out
+
+
+def _place(stream: str, e: _Insert, short: list[tuple], base: list[tuple], cursor: int,
+           out: list[tuple], target: list[tuple], after: int, extra: int, limit: int) -> None:
+    """Choose where `e` goes and its split so that the copies reproduce `target`, and set them
+    on `e`. The diff's place is tried first, then the same insertion slid later: where the
+    segment starts with the event that follows it (a backward prefetch that repeats, say),
+    inserting S before x equals inserting S[1:] + [x] after x in the (a+1)-block stream, but the
+    copies of the two differ; the diff picks one of them arbitrarily. Slides stop at the next
+    edit (`limit`)."""
+    at, segment = e.at, e.segment
+    while True:
+        start = len(out) + at - cursor
+        if base[cursor:at] == target[len(out):start]:
+            for split in [len(segment)] + list(range(1, len(segment))):
+                rendered = _render(stream, segment, split, extra)
+                if target[start:start + len(rendered)] == rendered:
+                    e.at, e.segment, e.split = at, segment, split
+                    return
+        if at >= limit or not segment:
+            break
+        x = _shift_after(stream, [short[at]], after, 1)[0]  # as in the (a+1)-block stream
+        if segment[0] != x:
+            break
+        at, segment = at + 1, segment[1:] + [x]
+    raise FitError(f"no place or split of the segment inserted at {e.at} fits")
 
 
 def _repeat_items(items: list, edits: list[_Insert], extra: int) -> list:

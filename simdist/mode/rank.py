@@ -21,6 +21,7 @@ from simdist.mode.session import rank_session
 from simdist.mode.step import init_optimizer_state, make_optimizer, run_step
 from simdist.parallel import ParallelPlan, build_device_mesh, mesh_group_dims
 from simdist.parallel.context_parallel import context_parallel
+from simdist.parallel.data_parallel import grad_sync_rule
 from simdist.parallel.pipeline import stage_parts
 from simdist.parallel.zero import ZeroOptimizer
 from simdist.trace import RankTask, RankTrace
@@ -110,6 +111,8 @@ def execute_rank(task: RankTask) -> RankTrace:
             fields = run_step(parts[0][1], optimizer, fake_mode, ctx,
                               all_microbatches=task.all_microbatches,
                               loss_parallel=plan.loss_parallel,
+                              grad_sync=grad_sync_rule(training.grad_sync, par.dp_replicate,
+                                                       par.dp_shard, par.zero_stage),
                               step_context=(partial(context_parallel, mesh["cp"],
                                                     family.attention_modules) if cp > 1
                                             else contextlib.nullcontext), **common)

@@ -1,9 +1,12 @@
 """One training step of one rank on fake tensors, recorded.
 
-Micro-batches: the first creates the gradients, the second accumulates into them; the third and
-later ones repeat the second exactly (same shapes, same live state, same collectives), so by
-default the second is executed once with weight n-1 (`all_microbatches` executes them all, which
-the tests use to prove the two give the same rows)."""
+Micro-batches: the first creates the gradients, the middle ones accumulate into them, and where
+gradients sync once per step (training.grad_sync, simdist.parallel.data_parallel.GradSync) the
+last one runs the reductions the others held back. The middle ones repeat each other exactly
+(same shapes, same live state, same collectives), so by default one of them is executed, with
+weight n-2, between the first and the last; where every micro-batch reduces alike, the first
+and the second with weight n-1. `all_microbatches` executes them all, which the tests use to
+prove the two give the same rows."""
 
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from simdist.mode.collectives import CollectiveRecorder
 from simdist.mode.context import StepContext
 from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
-from simdist.mode.streams import StepStreams, summarize
+from simdist.mode.streams import summarize
+from simdist.trace import StepStreams
 from simdist.parallel.checkpointing import observe_checkpoint_inputs
+from simdist.parallel.data_parallel import PER_MICROBATCH, GradSync
 
 
 def _storage_bytes(tensors) -> int:  # noqa: ANN001
@@ -125,6 +130,15 @@ def record_step(
     return fields
 
 
+def microbatch_weights(n: int, all_microbatches: bool, last_differs: bool) -> list[int]:
+    """The weight of each executed micro-batch (they sum to n): all n, or first, one middle
+    standing for the n-2 identical ones and last; where the last is like the middle ones, first
+    and one standing for n-1."""
+    if all_microbatches or n <= 2:
+        return [1] * n
+    return [1, n - 2, 1] if last_differs else [1, n - 1]
+
+
 def run_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -139,20 +153,21 @@ def run_step(
     all_microbatches: bool,
     loss_parallel: bool = False,
     step_context: Callable[[], Any] = contextlib.nullcontext,
+    grad_sync: GradSync = PER_MICROBATCH,
 ) -> dict:
-    """One step without pipelining: a plain gradient-accumulation loop. `step_context` wraps
-    the forwards and backwards (context parallelism; then `seq_len` is the local length)."""
-    executed = num_microbatches if all_microbatches else min(num_microbatches, 2)
-    weights = [1] * executed
-    if executed < num_microbatches:
-        weights[-1] = num_microbatches - 1
+    """One step without pipelining: a gradient-accumulation loop, with FSDP2's gradient sync
+    set before each micro-batch as `grad_sync` says. `step_context` wraps the forwards and
+    backwards (context parallelism; then `seq_len` is the local length)."""
+    weights = microbatch_weights(num_microbatches, all_microbatches, grad_sync.last_differs)
+    executed = len(weights)
 
     def microbatches(mem: MemoryTracker) -> int:
         with step_context():
             return _accumulate(mem)
 
     def _accumulate(mem: MemoryTracker) -> int:
-        for weight in weights:
+        for i, weight in enumerate(weights):
+            grad_sync.before_microbatch(model, last=i == executed - 1)
             # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
             # shards, as torchtitan does with `loss_parallel`.
             lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()
