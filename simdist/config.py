@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -45,6 +46,8 @@ __all__ = [
     "parse_override",
     "apply_overrides",
     "load_config",
+    "trusting",
+    "require_trusted_code",
 ]
 
 
@@ -252,6 +255,10 @@ class SimdistConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Whether `model.entrypoint` may be imported and called: granted by the caller (--trust-code,
+    # load_config(trust_code=True), simulate(trust_code=True)), never by the config's own data.
+    _trust_code: bool = PrivateAttr(default=False)
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -430,16 +437,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 # Loading
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = ()) -> SimdistConfig:
-    """Read (YAML path) or take (dict) a config, apply overrides, validate and resolve it."""
+def load_config(source: str | Path | dict, overrides: list[str] = (), *,
+                trust_code: bool = False) -> SimdistConfig:
+    """Read (YAML path) or take (dict) a config, apply overrides, validate and resolve it.
+    `trust_code=True` allows `model.entrypoint` (which imports and runs that code) to be used;
+    without it such a config loads but is refused (ConfigError) before anything is imported."""
     raw = _read(source) if not isinstance(source, dict) else copy.deepcopy(source)
     # An empty section ("training:" with every line commented out) means its defaults.
     raw = {k: ({} if v is None else v) for k, v in raw.items()}
     raw = apply_overrides(raw, list(overrides))
     try:
-        return SimdistConfig.model_validate(raw)
+        cfg = SimdistConfig.model_validate(raw)
     except ValidationError as e:
         raise _from_validation(e) from None
+    cfg._trust_code = bool(trust_code)
+    return cfg
+
+
+def trusting(cfg: SimdistConfig, trust_code: bool = True) -> SimdistConfig:
+    """`cfg` with leave to run its `model.entrypoint` (a copy; `cfg` itself is unchanged)."""
+    if not trust_code or cfg._trust_code:
+        return cfg
+    out = cfg.model_copy()
+    out._trust_code = True
+    return out
+
+
+def require_trusted_code(cfg: SimdistConfig) -> None:
+    """Raise ConfigError unless the caller allowed `model.entrypoint` to run: it imports a module
+    and calls a function named by the config (`os:system` would run a shell command)."""
+    if cfg.model.entrypoint and not cfg._trust_code:
+        raise ConfigError(
+            "model.entrypoint",
+            f"{cfg.model.entrypoint!r} imports and runs code named by the config; refused unless "
+            "you pass --trust-code on the command line (Python: load_config(..., "
+            "trust_code=True) or simulate(..., trust_code=True)); a config cannot allow it itself",
+        )
 
 
 def _read(source: str | Path) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 import simdist
 from simdist.cache.store import resolve_dir
-from simdist.config import ConfigError, SimdistConfig
+from simdist.config import ConfigError, SimdistConfig, require_trusted_code, trusting
 from simdist.costmodel import UnknownGPU, gpu_spec
 from simdist.models import ModelError, ModelSpec, build_model, count_params, entrypoint_spec, resolve_model
 from simdist.mode.trace import RankTask, RankTrace
@@ -40,6 +40,7 @@ RESERVED_BYTES = 1 << 30
 
 def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
     m = cfg.model
+    require_trusted_code(cfg)  # before anything of the entrypoint is imported
     try:
         if m.entrypoint:
             return entrypoint_spec(m.entrypoint, m.kwargs)
@@ -122,18 +123,31 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
     if ray.is_initialized():
         yield ray.get_runtime_context().gcs_address
         return
+    from simdist.workers.connect import address_key, bounded_join, keep_signal_handlers, probe
+
+    key = address_key(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                   logging_level="ERROR", configure_logging=False)
     if address:
-        ray.init(address=address, **kwargs)
+        probe(address, key)  # bounded: ray.init would retry for minutes where nothing answers
+        with keep_signal_handlers():
+            try:
+                with bounded_join():
+                    ray.init(address=address, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reachable, but not a cluster we can join
+                from simdist.errors import one_line
+
+                raise ConfigError(key, f"cannot join the Ray cluster at {address}: "
+                                       f"{one_line(e)}") from None
     else:
         # Ray notes at every local start that token authentication is on (its default, kept);
         # batch jobs read our stderr for errors, so that notice stays out of it.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR)
         # address="local": always a new local Ray, never a cluster some `ray start` left behind
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        with keep_signal_handlers():
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     try:
         yield ray.get_runtime_context().gcs_address if address else None
     finally:
