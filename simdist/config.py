@@ -670,3 +670,22 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_workers(value: Any, key: str = "--workers") -> int | str:
+    """`simulation.workers`' rule for a value given elsewhere (--workers, simulate(workers=)):
+    'auto' or an integer in 1..WORKERS_MAX; a string is read as YAML, like --set."""
+    if isinstance(value, str):
+        _, value = parse_override(f"simulation.workers={value}")
+    try:
+        return SimulationConfig.model_validate({"workers": value}).workers
+    except ValidationError as e:
+        err = _from_validation_at(e, ("simulation",))
+        raise ConfigError(key, err.message) from None
+
+
+def _from_validation_at(exc: ValidationError, prefix: tuple) -> ConfigError:
+    """_from_validation for a section validated on its own (its errors' locations lack the
+    section's name)."""
+    err = exc.errors(include_url=False)[0]
+    return _convert({**err, "loc": (*prefix, *err["loc"])})

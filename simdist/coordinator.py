@@ -238,9 +238,26 @@ async def _simulate(pool: Any, task: RankTask, job: Any) -> RankTrace:
 
 async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
                          workers: int | str | None = None, exhaustive: bool = False,
-                         progress: bool = False, use_cache: bool = True) -> ClusterPlan:
-    """`use_cache=False` (--no-cache): neither read nor write the shared dispatch cache."""
+                         progress: bool = False, use_cache: bool = True,
+                         trust_code: bool = False) -> ClusterPlan:
+    """`use_cache=False` (--no-cache): neither read nor write the shared dispatch cache.
+    `trust_code=True`: allow `model.entrypoint` (it imports and runs the code it names)."""
     t0 = time.perf_counter()
+    from simdist.cache.session import unusable_cache_dir
+    from simdist.config import check_workers
+
+    cfg = trusting(cfg, trust_code)
+    if workers is not None:
+        workers = check_workers(workers, "workers")
+    cache_warnings = []
+    if use_cache and (problem := unusable_cache_dir(cfg.simulation.cache_dir)):
+        cache_warnings.append(problem)  # one warning, and the run goes on without the cache
+        import warnings
+
+        from simdist.cache.store import CacheWarning
+
+        warnings.warn(problem, CacheWarning, stacklevel=2)
+        use_cache = False
     spec, layout, classes, gpu = prepare(cfg)
     reps = [ranks[0] for ranks in classes]
     if exhaustive:
@@ -262,6 +279,8 @@ async def simulate_async(cfg: SimdistConfig, *, address: str | None = None,
         # --- shared dispatch cache: write back, fill plan.json `cache` ---
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
+        if cache_warnings:
+            cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
         # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     if exhaustive:

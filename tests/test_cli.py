@@ -212,7 +212,7 @@ def tiny_plan(tag: str):
 def old_run(parent: Path) -> Path:
     out = parent / "run"
     out.mkdir(parents=True)
-    (out / "plan.json").write_text('{"tag": "old"}')
+    (out / "plan.json").write_text('{"tag": "old", "simdist_version": "0.1.0"}')
     (out / "stale.txt").write_text("from an earlier run")
     return out
 
@@ -267,7 +267,7 @@ def assert_write_fails_keeping_old_run(tmp_path: Path, out: Path) -> None:
     with pytest.raises(OSError):
         tiny_plan("new").write(out)
     assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
-    assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
+    assert json.loads((out / "plan.json").read_text())["tag"] == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
