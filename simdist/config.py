@@ -56,6 +56,9 @@ class ConfigError(ValueError):
     file itself, or "--set" for a malformed override."""
 
     def __init__(self, key: str, message: str):
+        # One line whatever the input held (a --set value or a key may contain line breaks).
+        key = key if key.isprintable() else repr(key)[1:-1]
+        message = " ".join(message.split())
         # args=(key, message) so the exception pickles (it crosses Ray actor boundaries)
         super().__init__(key, message)
         self.key = key
