@@ -1,9 +1,13 @@
-"""`simdist run | cache` — exit 0 simulated (fits or not), 2 bad input, 1 internal error."""
+"""`simdist run | cache` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
+130 / 143 stopped by SIGINT / SIGTERM (nothing written)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -16,24 +20,54 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_INPUT)
 
 
+def versions() -> str:
+    """'simdist X, torch Y' without importing torch (its distribution's metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import simdist
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"simdist {simdist.__version__}, torch {torch_version}"
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001, ANN204
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="simdist", description=__doc__)
+    p.add_argument("--version", action=_Version, nargs=0, help="print simdist's and torch's versions")
+    debug = dict(action="store_true", help="on an internal error print the traceback too "
+                                            "(also: SIMDIST_DEBUG=1)")
+    p.add_argument("--debug", **debug)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="simulate one plan")
     run.add_argument("config", help="YAML config (see configs/)")
-    run.add_argument("--out", help="run directory (default runs/<config stem>/)")
+    run.add_argument("--out", help="run directory (default runs/<config stem>/); replaces only a "
+                                   "previous simdist run directory")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. parallel.tp=8 (repeatable)")
     run.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)")
-    run.add_argument("--workers", type=int, help="number of simulation actors (default: auto)")
+    run.add_argument("--workers", metavar="N", help="number of simulation actors: auto or an "
+                                                    "integer >= 1 (default: simulation.workers)")
     run.add_argument("--no-cache", action="store_true", help="do not read or write the shared cache")
     run.add_argument("--exhaustive", action="store_true",
                      help="simulate every rank instead of one per class")
+    run.add_argument("--trust-code", action="store_true",
+                     help="allow model.entrypoint: it imports and runs the code the config names")
     run.add_argument("--quiet", action="store_true", help="no progress, no summary")
-    cache = sub.add_parser("cache", help="the shared dispatch cache: info | clear | path")
+    cache = sub.add_parser("cache", help="the shared cache (dispatch cache and layer store): "
+                                         "info | clear | path")
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
+    for sp in (run, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
+        sp.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     return p
 
 
@@ -48,21 +82,20 @@ def _summary_line(plan) -> str:  # noqa: ANN001
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from simdist.config import ConfigError, load_config
+    """Every input check (config, --workers, --out, the plan against the model, the Ray address)
+    before anything is simulated or written."""
+    from simdist.config import check_workers, load_config
+    from simdist.rundir import check_out
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from simdist.planner import plan_run
+    cfg = load_config(args.config, args.overrides, trust_code=args.trust_code)
+    workers = check_workers(args.workers, "--workers") if args.workers is not None else None
+    out = check_out(args.out if args.out else Path("runs") / Path(args.config).stem)
+    from simdist.planner import plan_run
 
-        # every input check before any Ray or file work
-        run = plan_run(cfg, use_cache=not args.no_cache, exhaustive=args.exhaustive)
-    except ConfigError as e:
-        print(f"simdist: invalid input: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    run = plan_run(cfg, use_cache=not args.no_cache, exhaustive=args.exhaustive)
     from simdist.coordinator import simulate
 
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    plan = simulate(run, address=args.address, workers=args.workers, progress=not args.quiet,
+    plan = simulate(run, address=args.address, workers=workers, progress=not args.quiet,
                     use_cache=not args.no_cache)
     path = plan.write(out)
     if not args.quiet:
@@ -71,23 +104,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "cache":
-            from simdist.cache.commands import cache_command
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+    """Warnings of simdist's cache as one plain line; every other warning as Python shows it."""
+    if category.__name__ != "CacheWarning":
+        return _default_showwarning(message, category, filename, lineno, file, line)
+    text = " ".join(str(message).split())
+    print(text if text.startswith("simdist") else f"simdist: warning: {text}",
+          file=file or sys.stderr)
+    return None
 
-            return cache_command(args.action, args.cache_dir)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # an internal error: short message, traceback only on request
-        if "SIMDIST_DEBUG" in __import__("os").environ:
-            raise
-        print(f"simdist: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+
+_default_showwarning = warnings.showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simdist.signals import sigterm_as_interrupt
+
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or "SIMDIST_DEBUG" in os.environ
+    with sigterm_as_interrupt() as stop, warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            if args.command == "run":
+                return cmd_run(args)
+            if args.command == "cache":
+                from simdist.cache.commands import cache_command
+
+                return cache_command(args.action, args.cache_dir)
+        except KeyboardInterrupt:
+            name = stop.signal_name or "SIGINT"
+            print(f"simdist: stopped by {name}; nothing written", file=sys.stderr)
+            return stop.exit_code
+        except Exception as e:  # noqa: BLE001
+            return _report(e, debug)
     return EXIT_OK
+
+
+def _report(e: Exception, debug: bool) -> int:
+    """Bad input (ConfigError, also when raised inside a Ray actor): exit 2; anything else is an
+    internal error: exit 1. One plain line either way; --debug adds the traceback."""
+    from simdist.config import ConfigError
+    from simdist.errors import one_line, plain, root_cause
+
+    cause, _ = root_cause(e)
+    if debug:
+        print(plain("".join(traceback.format_exception(e))).rstrip(), file=sys.stderr)
+    if isinstance(cause, ConfigError):
+        print(f"simdist: invalid input: {ConfigError(cause.key, cause.message)}", file=sys.stderr)
+        return EXIT_INPUT
+    hint = "" if debug else " (--debug prints the traceback)"
+    print(f"simdist: internal error: {one_line(e)}{hint}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -45,6 +46,8 @@ __all__ = [
     "parse_override",
     "apply_overrides",
     "load_config",
+    "trusting",
+    "require_trusted_code",
 ]
 
 
@@ -53,6 +56,9 @@ class ConfigError(ValueError):
     file itself, or "--set" for a malformed override."""
 
     def __init__(self, key: str, message: str):
+        # One line whatever the input held (a --set value or a key may contain line breaks).
+        key = key if key.isprintable() else repr(key)[1:-1]
+        message = " ".join(message.split())
         # args=(key, message) so the exception pickles (it crosses Ray actor boundaries)
         super().__init__(key, message)
         self.key = key
@@ -65,8 +71,30 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Schema
 
+# Upper bounds on every number that sizes the simulation's memory or time: generous real-world
+# maxima (README "Config reference" states them). Past one the run would exhaust memory or never
+# end (a world of 10^9 ranks is a MemoryError, not a plan); the key and the limit are reported.
+WORLD_MAX = 1 << 20  # nodes x gpus_per_node: 1,048,576 GPUs
+NODES_MAX = WORLD_MAX
+GPUS_PER_NODE_MAX = 64
+SEQ_LEN_MAX = 1 << 24  # 16,777,216 tokens
+MICRO_BATCH_MAX = 1 << 16  # 65,536 sequences per micro-batch
+GLOBAL_BATCH_MAX = 1 << 24  # 16,777,216 sequences per step
+MICROBATCHES_MAX = 1 << 16  # micro-batches per step (a pipeline executes each one)
+LAYERS_MAX = 4096  # also: pipeline stages, layers per stage
+WORKERS_MAX = 1 << 16
+RANK_TIMEOUT_MAX_S = 7 * 24 * 3600.0
+GPU_FIGURE_MAX = 1e7  # TFLOP/s, GB, TB/s, GB/s of an explicit GPU spec
+PRICE_MAX = 1e6
+
+
+def _bounded(lo: int, hi: int) -> Any:
+    return Annotated[int, annotated_types.Ge(lo), annotated_types.Le(hi)]
+
+
 Positive = Annotated[int, annotated_types.Ge(1)]
-PositiveFloat = Annotated[float, annotated_types.Gt(0)]
+PositiveFloat = Annotated[float, annotated_types.Gt(0), annotated_types.Le(GPU_FIGURE_MAX)]
+Degree = _bounded(1, WORLD_MAX)
 
 _MODEL_SOURCES = ("preset", "hf", "entrypoint")
 _DEFAULT_PRESET = "llama3-debug"
@@ -111,9 +139,9 @@ _ROUTING = re.compile(r"balanced|zipf:(?P<alpha>.+)|file:(?P<path>.+)")
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seq_len: Positive = 2048
-    micro_batch: Positive = 1
-    global_batch: Positive | None = None  # None => dp * micro_batch (one micro-batch per step)
+    seq_len: _bounded(1, SEQ_LEN_MAX) = 2048
+    micro_batch: _bounded(1, MICRO_BATCH_MAX) = 1
+    global_batch: _bounded(1, GLOBAL_BATCH_MAX) | None = None  # None => dp * micro_batch (one micro-batch per step)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     activation_checkpointing: Literal["none", "selective", "full", "op"] = "none"
@@ -147,16 +175,16 @@ MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zero_bubble")  # several stages pe
 class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dp_replicate: Positive = 1
-    dp_shard: int = -1  # -1: whatever is left of the world after the other degrees
-    tp: Positive = 1
+    dp_replicate: Degree = 1
+    dp_shard: _bounded(-1, WORLD_MAX) = -1  # -1: whatever is left of the world after the other degrees
+    tp: Degree = 1
     sequence_parallel: bool = True
-    pp: Positive = 1
-    pp_layers: list[Annotated[int, annotated_types.Ge(0)]] | None = None  # layers per stage
+    pp: _bounded(1, LAYERS_MAX) = 1
+    pp_layers: list[_bounded(0, LAYERS_MAX)] | None = None  # layers per stage
     pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
-    pp_virtual_stages: Positive = 2  # stages per pp rank for the multi-stage schedules
-    cp: Positive = 1
-    ep: Positive = 1
+    pp_virtual_stages: _bounded(1, LAYERS_MAX) = 2  # stages per pp rank, multi-stage schedules
+    cp: Degree = 1
+    ep: Degree = 1
     zero_stage: Literal[1, 2, 3] = 3
 
     @field_validator("dp_shard")
@@ -209,29 +237,40 @@ class ClusterConfig(BaseModel):
         Union[Annotated[str, Tag("preset")], Annotated[GPUSpecConfig, Tag("spec")]],
         Discriminator(_gpu_branch),
     ] = "h100-sxm"
-    gpus_per_node: Positive = 8
-    nodes: Positive = 1
-    price_per_gpu_hour: Annotated[float, annotated_types.Ge(0)] | None = None
+    gpus_per_node: _bounded(1, GPUS_PER_NODE_MAX) = 8
+    nodes: _bounded(1, NODES_MAX) = 1
+    price_per_gpu_hour: Annotated[float, annotated_types.Ge(0), annotated_types.Le(PRICE_MAX)] | None = None
 
 
 class SimulationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workers: Annotated[
-        Union[Annotated[Literal["auto"], Tag("auto")], Annotated[Positive, Tag("count")]],
+        Union[Annotated[Literal["auto"], Tag("auto")], Annotated[_bounded(1, WORKERS_MAX), Tag("count")]],
         Discriminator(_workers_branch),
     ] = "auto"
     cache_dir: str = "~/.cache/simdist"
-    rank_timeout_s: PositiveFloat = 600.0
+    rank_timeout_s: Annotated[float, annotated_types.Gt(0), annotated_types.Le(RANK_TIMEOUT_MAX_S)] = 600.0
     # Rebuild deep pipeline stages from 2-, 3- and 4-block executions (exact; see
     # simdist/mode/layer_memo.py). false: execute every block.
     layer_memo: bool = True
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_form(cls, v: str) -> str:
+        if not v.strip() or "\0" in v:
+            raise ValueError(f"got {v[:60]!r}; expected a directory path")
+        return v
 
 
 class SimdistConfig(BaseModel):
     """A validated, resolved plan: dp_shard and global_batch are concrete after validation."""
 
     model_config = ConfigDict(extra="forbid")
+
+    # Whether `model.entrypoint` may be imported and called: granted by the caller (--trust-code,
+    # load_config(trust_code=True), simulate(trust_code=True)), never by the config's own data.
+    _trust_code: bool = PrivateAttr(default=False)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -267,6 +306,8 @@ def _resolve(cfg: SimdistConfig) -> None:
     p, t, c = cfg.parallel, cfg.training, cfg.cluster
     world = cfg.world_size
     world_txt = f"world size {world} (nodes*gpus_per_node = {c.nodes}*{c.gpus_per_node})"
+    if world > WORLD_MAX:
+        raise ConfigError("cluster.nodes", f"{world_txt} exceeds the limit of {WORLD_MAX:,} GPUs")
 
     if p.dp_shard == -1:
         rest = p.dp_replicate * p.tp * p.pp * p.cp
@@ -324,6 +365,12 @@ def _resolve(cfg: SimdistConfig) -> None:
             "training.global_batch",
             f"{t.global_batch} must be a multiple of dp ({cfg.dp}) x micro_batch ({t.micro_batch})"
             f" = {per_step}",
+        )
+    if t.global_batch // per_step > MICROBATCHES_MAX:
+        raise ConfigError(
+            "training.global_batch",
+            f"{t.global_batch} is {t.global_batch // per_step:,} micro-batches per step (dp "
+            f"{cfg.dp} x micro_batch {t.micro_batch} each); the limit is {MICROBATCHES_MAX:,}",
         )
 
 
@@ -425,16 +472,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 # Loading
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = ()) -> SimdistConfig:
-    """Read (YAML path) or take (dict) a config, apply overrides, validate and resolve it."""
+def load_config(source: str | Path | dict, overrides: list[str] = (), *,
+                trust_code: bool = False) -> SimdistConfig:
+    """Read (YAML path) or take (dict) a config, apply overrides, validate and resolve it.
+    `trust_code=True` allows `model.entrypoint` (which imports and runs that code) to be used;
+    without it such a config loads but is refused (ConfigError) before anything is imported."""
     raw = _read(source) if not isinstance(source, dict) else copy.deepcopy(source)
     # An empty section ("training:" with every line commented out) means its defaults.
     raw = {k: ({} if v is None else v) for k, v in raw.items()}
     raw = apply_overrides(raw, list(overrides))
     try:
-        return SimdistConfig.model_validate(raw)
+        cfg = SimdistConfig.model_validate(raw)
     except ValidationError as e:
         raise _from_validation(e) from None
+    cfg._trust_code = bool(trust_code)
+    return cfg
+
+
+def trusting(cfg: SimdistConfig, trust_code: bool = True) -> SimdistConfig:
+    """`cfg` with leave to run its `model.entrypoint` (a copy; `cfg` itself is unchanged)."""
+    if not trust_code or cfg._trust_code:
+        return cfg
+    out = cfg.model_copy()
+    out._trust_code = True
+    return out
+
+
+def require_trusted_code(cfg: SimdistConfig) -> None:
+    """Raise ConfigError unless the caller allowed `model.entrypoint` to run: it imports a module
+    and calls a function named by the config (`os:system` would run a shell command)."""
+    if cfg.model.entrypoint and not cfg._trust_code:
+        raise ConfigError(
+            "model.entrypoint",
+            f"{cfg.model.entrypoint!r} imports and runs code named by the config; refused unless "
+            "you pass --trust-code on the command line (Python: load_config(..., "
+            "trust_code=True) or simulate(..., trust_code=True)); a config cannot allow it itself",
+        )
 
 
 def _read(source: str | Path) -> dict:
@@ -632,3 +705,22 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_workers(value: Any, key: str = "--workers") -> int | str:
+    """`simulation.workers`' rule for a value given elsewhere (--workers, simulate(workers=)):
+    'auto' or an integer in 1..WORKERS_MAX; a string is read as YAML, like --set."""
+    if isinstance(value, str):
+        _, value = parse_override(f"simulation.workers={value}")
+    try:
+        return SimulationConfig.model_validate({"workers": value}).workers
+    except ValidationError as e:
+        err = _from_validation_at(e, ("simulation",))
+        raise ConfigError(key, err.message) from None
+
+
+def _from_validation_at(exc: ValidationError, prefix: tuple) -> ConfigError:
+    """_from_validation for a section validated on its own (its errors' locations lack the
+    section's name)."""
+    err = exc.errors(include_url=False)[0]
+    return _convert({**err, "loc": (*prefix, *err["loc"])})

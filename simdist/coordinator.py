@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import simdist
-from simdist.config import SimdistConfig
+from simdist.config import SimdistConfig, check_workers, trusting
 from simdist.families import build_model, count_params
 from simdist.memo import executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
@@ -37,18 +37,31 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
     if ray.is_initialized():
         yield ray.get_runtime_context().gcs_address
         return
+    from simdist.workers.connect import address_key, bounded_join, keep_signal_handlers, probe
+
+    key = address_key(address)
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                   logging_level="ERROR", configure_logging=False)
     if address:
-        ray.init(address=address, **kwargs)
+        probe(address, key)  # bounded: ray.init would retry for minutes where nothing answers
+        with keep_signal_handlers():
+            try:
+                with bounded_join():
+                    ray.init(address=address, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reachable, but not a cluster we can join
+                from simdist.errors import one_line
+
+                raise ConfigError(key, f"cannot join the Ray cluster at {address}: "
+                                       f"{one_line(e)}") from None
     else:
         # Ray notes at every local start that token authentication is on (its default, kept);
         # batch jobs read our stderr for errors, so that notice stays out of it.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR)
         # address="local": always a new local Ray, never a cluster some `ray start` left behind
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        with keep_signal_handlers():
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     try:
         yield ray.get_runtime_context().gcs_address if address else None
     finally:
@@ -111,12 +124,31 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
 
 async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = None,
                          workers: int | str | None = None, exhaustive: bool = False,
-                         progress: bool = False, use_cache: bool = True) -> ClusterPlan:
+                         progress: bool = False, use_cache: bool = True,
+                         trust_code: bool = False) -> ClusterPlan:
     """`cfg`: a config, or its RunPlan (simdist.planner.plan_run) when the caller planned
-    already. `use_cache=False` (--no-cache): neither read nor write the shared caches."""
+    already. `use_cache=False` (--no-cache): neither read nor write the shared caches.
+    `trust_code=True`: allow `model.entrypoint` (it imports and runs the code it names)."""
     t0 = time.perf_counter()
-    run = cfg if isinstance(cfg, RunPlan) else plan_run(cfg, use_cache=use_cache,
-                                                         exhaustive=exhaustive)
+    from simdist.cache.run import unusable_cache_dir
+
+    if workers is not None:
+        workers = check_workers(workers, "workers")
+    config = cfg.cfg if isinstance(cfg, RunPlan) else trusting(cfg, trust_code)
+    cache_warnings = []
+    if use_cache and (problem := unusable_cache_dir(config.simulation.cache_dir)):
+        cache_warnings.append(problem)  # one warning, and the run goes on without the cache
+        import warnings
+
+        from simdist.cache.store import CacheWarning
+
+        warnings.warn(problem, CacheWarning, stacklevel=2)
+        use_cache = False
+    if isinstance(cfg, RunPlan) and not cache_warnings:
+        run = cfg
+    else:
+        run = plan_run(config, use_cache=use_cache,
+                       exhaustive=cfg.exhaustive if isinstance(cfg, RunPlan) else exhaustive)
     cfg = run.cfg
     with ray_session(address) as ray_address:
         import ray
@@ -130,6 +162,9 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
             progress, start_cache)
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
+        if cache_warnings:
+            cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
+        # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     t = cfg.training
     summary = dict(

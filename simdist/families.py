@@ -103,6 +103,11 @@ def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
     if "max_seq_len" in allowed and "max_seq_len" not in overrides:
         # Positions (GPT's learned table, Llama's RoPE cache) sized to the training sequence.
         fields["max_seq_len"] = seq_len
+    from simdist.models.fields import check_fields
+
+    problem = check_fields(family, fields, overridden=set(overrides))
+    if problem is not None:
+        raise ModelError(f"model.{problem[0]}", problem[1])
     try:
         args = FAMILIES[family].args_cls(**fields)
     except TypeError as e:  # pragma: no cover - guarded by the field check above

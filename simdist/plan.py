@@ -104,8 +104,12 @@ class ClusterPlan:
         return self.summary[key]
 
     def write(self, out_dir: str | os.PathLike) -> Path:
-        """Write the run directory atomically: build it beside the target, then rename."""
-        out = Path(out_dir).expanduser().resolve()
+        """Write the run directory atomically: build it beside the target, then rename. Only a
+        new path, an empty directory or a previous run directory is replaced (simdist.rundir);
+        anything else raises ConfigError before a file is written."""
+        from simdist.rundir import check_out
+
+        out = check_out(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from simdist.cache.store import resolve_dir
-from simdist.config import ConfigError, SimdistConfig
+from simdist.config import ConfigError, SimdistConfig, require_trusted_code
 from simdist.costmodel import GPUSpec, UnknownGPU, gpu_spec
 from simdist.families import ModelError, ModelSpec, build_model, entrypoint_spec, resolve_model
 from simdist.layout import MeshLayout
@@ -41,6 +41,7 @@ class RunPlan:
 
 def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
     m = cfg.model
+    require_trusted_code(cfg)  # before anything of the entrypoint is imported
     try:
         if m.entrypoint:
             return entrypoint_spec(m.entrypoint, m.kwargs)

@@ -95,8 +95,11 @@ def test_a_call_past_the_timeout_fails(killed):
 
         actor.simulate = _Method(hang)
         pool = pool_mod.ActorPool([actor], timeout_s=0.05)
-        with pytest.raises(asyncio.TimeoutError):
+        with pytest.raises(asyncio.TimeoutError) as info:  # RankTimeout is a TimeoutError
             await pool.execute(_task(2))
         await pool.close()
+        # the CLI prints str(): it names the rank and the key to raise
+        assert str(info.value).startswith(
+            "rank 0 did not finish within simulation.rank_timeout_s = 0.05 s")
 
     asyncio.run(main())

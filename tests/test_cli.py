@@ -164,13 +164,20 @@ def test_quickstart_run(tmp_path):
 def test_plan_that_does_not_fit_is_a_result(tmp_path):
     # 1.2 GB of HBM, less the 1 GiB reserved: ~126 MB for a step that needs several times that.
     # No --out: the default run directory is runs/<config stem>/ under the working directory.
+    # Also: a cache_dir that is a file costs the cache (one warning line), not the run.
     tiny = "cluster.gpu={name: tiny, bf16_tflops: 100, hbm_gb: 1.2, hbm_tb_s: 1, nvlink_gb_s: 100}"
-    proc = run_cli(["run", str(QUICKSTART), "--set", tiny], cwd=tmp_path)
+    a_file = tmp_path / "cache-is-a-file"
+    a_file.write_text("")
+    proc = run_cli(["run", str(QUICKSTART), "--set", tiny,
+                    "--set", f"simulation.cache_dir={a_file}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "fits false" in proc.stdout  # the summary line
+    warned = [line for line in proc.stderr.splitlines() if str(a_file) in line]
+    assert len(warned) == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     out = tmp_path / "runs" / "quickstart"
     plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["cache"]["warnings"]) == 1 and str(a_file) in plan["cache"]["warnings"][0]
     assert plan["fits"] is False
     assert plan["peak_bytes_max"] > plan["memory_limit_bytes"]
     assert plan["config"]["cluster"]["gpu"]["name"] == "tiny"
@@ -212,7 +219,7 @@ def tiny_plan(tag: str):
 def old_run(parent: Path) -> Path:
     out = parent / "run"
     out.mkdir(parents=True)
-    (out / "plan.json").write_text('{"tag": "old"}')
+    (out / "plan.json").write_text('{"tag": "old", "simdist_version": "0.1.0"}')
     (out / "stale.txt").write_text("from an earlier run")
     return out
 
@@ -267,7 +274,7 @@ def assert_write_fails_keeping_old_run(tmp_path: Path, out: Path) -> None:
     with pytest.raises(OSError):
         tiny_plan("new").write(out)
     assert {p.name for p in out.iterdir()} == {"plan.json", "stale.txt"}
-    assert json.loads((out / "plan.json").read_text()) == {"tag": "old"}
+    assert json.loads((out / "plan.json").read_text())["tag"] == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
@@ -287,3 +294,256 @@ def test_write_failure_at_the_swap_keeps_existing_run(tmp_path, monkeypatch):
     out = old_run(tmp_path)
     fail_on_call(monkeypatch, simdist.plan.os, "replace", 2)
     assert_write_fails_keeping_old_run(tmp_path, out)
+
+
+# ------------------------------------------------------------------------------------------
+# Unattended runs (issue #13): every check in-process through cli.main where no real process
+# is the point; each fails before anything is simulated (simulate is patched to fail loudly).
+
+
+@pytest.fixture
+def no_simulation(monkeypatch):
+    """cli.main with simulate replaced: a test that reaches it has failed to stop early."""
+    import simdist.coordinator
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("simulated although the input is bad")
+
+    monkeypatch.delenv("SIMDIST_DEBUG", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(simdist.coordinator, "simulate", must_not_run)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    from simdist.cli import main
+
+    code = main(["run", str(QUICKSTART), *args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "\x1b" not in err
+    return code, err
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_out_replaces_only_a_run_dir(tmp_path, capsys, no_simulation):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    (project / "plan.json").write_text('{"not": "simdist"}')  # a plan.json without the marker
+    before = tree(project)
+    code, err = run_main(capsys, "--out", str(project))
+    assert code == 2 and "--out" in err and "not a simdist run" in err, err
+    assert tree(project) == before
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    code, err = run_main(capsys, "--out", str(a_file))
+    assert code == 2 and "--out" in err and "not a directory" in err
+    assert a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]
+
+
+def test_out_in_a_place_that_cannot_be_written(tmp_path, capsys, no_simulation):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, err = run_main(capsys, "--out", str(a_file / "x" / "run"))  # under a regular file
+    assert code == 2 and "--out" in err and "not a directory" in err, err
+    if os.geteuid() != 0:  # root writes into 0o555 directories
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            code, err = run_main(capsys, "--out", str(ro / "run"))
+            assert code == 2 and "--out" in err and "not writable" in err, err
+            assert list(ro.iterdir()) == []
+        finally:
+            ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "2.5"])
+def test_workers_flag_follows_the_config_rule(capsys, no_simulation, value):
+    from simdist.config import ConfigError, load_config
+
+    code, err = run_main(capsys, "--workers", value, "--out", "/nonexistent-never-written")
+    assert code == 2 and "--workers" in err and "auto or an integer >= 1" in err, err
+    with pytest.raises(ConfigError) as info:  # the same words as simulation.workers
+        load_config({}, [f"simulation.workers={value}"])
+    assert info.value.message in err
+
+
+@pytest.mark.parametrize("override, key, limit", [
+    ("cluster.nodes=1e9", "cluster.nodes", "1048576"),
+    ("cluster.nodes=1000000000", "cluster.nodes", "1048576"),
+    ("cluster.nodes=200000", "cluster.nodes", "1,048,576"),  # 200000 x 8 GPUs
+    ("cluster.gpus_per_node=65", "cluster.gpus_per_node", "64"),
+    ("training.seq_len=16777217", "training.seq_len", "16777216"),
+    ("training.global_batch=2097152", "training.global_batch", "65,536"),  # micro-batches
+    ("model.n_layers=4097", "model.n_layers", "4096"),
+    ("model.dim=10000000000000", "model.dim", "1048576"),
+    ("model.vocab_size=abc", "model.vocab_size", "16777216"),
+    ("cluster.gpu={name: x, bf16_tflops: .inf, hbm_gb: 1, hbm_tb_s: 1, nvlink_gb_s: 1}",
+     "cluster.gpu.bf16_tflops", "10000000"),
+])
+def test_limits_name_the_key_and_the_limit(capsys, no_simulation, override, key, limit):
+    code, err = run_main(capsys, "--set", override, "--out", "/nonexistent-never-written")
+    assert code == 2 and key in err and limit in err, err
+    assert "MemoryError" not in err
+
+
+def test_internal_error_without_a_message_names_its_type_and_place(tmp_path, monkeypatch, capsys):
+    import simdist.coordinator
+
+    def empty(*args, **kwargs):
+        raise AssertionError()
+
+    monkeypatch.delenv("SIMDIST_DEBUG", raising=False)
+    monkeypatch.setattr(simdist.coordinator, "simulate", empty)
+    code, err = run_main(capsys, "--out", str(tmp_path / "run"))
+    assert code == 1 and "internal error: AssertionError at " in err and "test_cli.py:" in err, err
+
+
+def ray_task_error():
+    from ray.exceptions import RayTaskError
+
+    remote_tb = ('Traceback (most recent call last):\n  File "/x/simdist/mode/rank.py", line 7, '
+                 'in execute_unit\n\x1b[36mray::RankWorker.simulate()\x1b[39m\nValueError: '
+                 'bad shape\n')
+    return RayTaskError("RankWorker.simulate", remote_tb, ValueError("bad shape"))
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_ray_actor_error_is_one_plain_line(tmp_path, monkeypatch, capsys, debug):
+    import simdist.coordinator
+
+    def remote_failure(*args, **kwargs):
+        raise ray_task_error()
+
+    monkeypatch.delenv("SIMDIST_DEBUG", raising=False)
+    monkeypatch.setattr(simdist.coordinator, "simulate", remote_failure)
+    from simdist.cli import main
+
+    code = main(["run", str(QUICKSTART), "--out", str(tmp_path / "run"), *(["--debug"] * debug)])
+    err = capsys.readouterr().err
+    assert code == 1 and "\x1b" not in err
+    assert "simdist: internal error: ValueError: bad shape" in err, err
+    if debug:
+        assert "Traceback" in err and "rank.py" in err
+    else:
+        assert err.count("\n") == 1 and "Traceback" not in err and "--debug" in err
+
+
+def test_entrypoint_needs_trust_code(tmp_path, monkeypatch, capsys, no_simulation):
+    import sys as _sys
+
+    marker = tmp_path / "ran"
+    (tmp_path / "evil_entry.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\ndef build():\n    raise SystemExit\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "run")
+    for entry, extra in (("os:system", ["--set", f"model.kwargs={{command: 'touch {marker}'}}"]),
+                         ("evil_entry:build", [])):
+        code, err = run_main(capsys, "--set", f"model.entrypoint={entry}", *extra, "--out", out)
+        assert code == 2 and "model.entrypoint" in err and "--trust-code" in err, err
+        assert not marker.exists() and "evil_entry" not in _sys.modules
+    # a config cannot grant it to itself
+    code, err = run_main(capsys, "--set", "model.entrypoint=evil_entry:build", "--set",
+                         "simulation.trust_code=true", "--out", out)
+    assert code == 2 and "simulation.trust_code" in err and not marker.exists()
+    from simdist.config import load_config, require_trusted_code
+
+    require_trusted_code(load_config({"model": {"entrypoint": "evil_entry:build"}}, trust_code=True))
+    assert not marker.exists()  # allowing is not importing
+
+
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+def test_unreachable_ray_address_fails_fast(tmp_path, monkeypatch, capfd, via):
+    import time
+
+    from simdist.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["run", str(QUICKSTART), "--out", str(tmp_path / "run"), "--quiet"]
+    if via == "--address":
+        args += ["--address", "127.0.0.1:1"]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    t0 = time.monotonic()
+    code = main(args)
+    elapsed = time.monotonic() - t0
+    err = capfd.readouterr().err  # file-descriptor level: Ray's C++ warnings would show here
+    assert code == 2 and elapsed < 15, (code, elapsed, err)
+    assert "127.0.0.1:1" in err and via in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_version(capsys):
+    from simdist.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("simdist 0.1.0") and "torch 2." in out
+
+
+def test_cache_commands_cover_the_layer_store(tmp_path, capsys):
+    from simdist.cli import main
+
+    store = tmp_path / "cache" / "layers" / "memo1-torch-x"
+    store.mkdir(parents=True)
+    (store / "ab.arrow").write_bytes(b"\0" * 1000)
+    assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "layer store memo1-torch-x" in out and "entries 1" in out and "1000 bytes" in out
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "layer store" in capsys.readouterr().out
+    assert not (tmp_path / "cache" / "layers").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["cache", "info", "--cache-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a file" in err and "Traceback" not in err
+
+
+def test_sigterm_stops_a_run_cleanly(tmp_path):
+    """A real process (the point is the signal): SIGTERM once the rank actors are starting ->
+    exit 143, one line, no stack dump, no run directory, no Ray process left."""
+    import signal
+    import time
+
+    import ray  # noqa: F401 - puts Ray's bundled psutil on sys.path
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SIMDIST_DEBUG")}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "simdist.cli", "run", str(QUICKSTART), "--out",
+                             str(out), "--no-cache"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        me, kids, deadline = psutil.Process(proc.pid), [], time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                kids = me.children(recursive=True)
+                if any("RankWorker" in " ".join(k.cmdline()) for k in kids):
+                    break
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, stderr)
+    assert "Traceback" not in stderr and "*** SIGTERM" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "simdist: stopped by SIGTERM; nothing written"
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    left = [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    for _ in range(50):  # Ray's processes go on their own, give them a moment
+        if not left:
+            break
+        time.sleep(0.2)
+        left = [k for k in left if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [k.cmdline() for k in left]

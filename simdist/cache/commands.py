@@ -3,6 +3,7 @@ version comes from the installed distribution's metadata."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def info(cache_dir: str | None) -> int:
               f"dedup), cost rows {s['cost_rows']}")
         print(f"  torch {s['torch'] or '?'}, schema {s['schema'] or '?'}"
               + (f", {s['unreadable']} unreadable file(s)" if s["unreadable"] else ""))
+    _layer_info(root, current)
     q = root / "quarantine"
     if q.is_dir():
         n = sum(1 for p in q.iterdir() if p.is_file())
@@ -86,11 +88,42 @@ def info(cache_dir: str | None) -> int:
     return EXIT_OK
 
 
+def _layer_info(root: Path, current: str | None) -> None:
+    """The layer store (cache/layers.py): one line per memo-format / torch-version directory."""
+    from simdist.cache.layers import LayerStore
+
+    base = root / "layers"
+    dirs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if not dirs:
+        print("layer store: empty")
+    mine = LayerStore(root, current, 0).dir.name if current else None
+    for d in dirs:
+        files = [p for p in d.glob("*.arrow") if p.is_file()]
+        nbytes = sum(p.stat().st_size for p in files)
+        print(f"layer store {d.name}{'  (this install)' if d.name == mine else ''}")
+        print(f"  entries {len(files)} (layer-memo models), {_human(nbytes)} ({nbytes} bytes)")
+
+
 def clear(cache_dir: str | None) -> int:
     root = resolve_dir(cache_dir)
     n = CacheStore(root, _torch_version() or "unknown").clear()
-    print(f"removed {n} file(s) from {root} (dispatch cache, every torch version, and quarantine)")
+    layers = root / "layers"
+    if layers.is_dir():
+        n += sum(1 for p in layers.rglob("*") if p.is_file())
+        shutil.rmtree(layers, ignore_errors=True)
+    print(f"removed {n} file(s) from {root} (dispatch cache and layer store, every torch "
+          "version, and quarantine)")
     return EXIT_OK
+
+
+def _unusable(root: Path) -> str | None:
+    """A cache_dir that is a file (or under one): one line instead of a traceback."""
+    place = root
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if place.is_dir():
+        return None
+    return f"{root} is {'a file' if place == root else f'under {place}, a file'}, not a directory"
 
 
 def cache_command(action: str, cache_dir: str | None) -> int:
@@ -98,6 +131,11 @@ def cache_command(action: str, cache_dir: str | None) -> int:
     if action == "path":
         print(resolve_dir(cache_dir))
         return EXIT_OK
+    if action in ("info", "clear"):
+        problem = _unusable(resolve_dir(cache_dir))
+        if problem is not None:
+            print(f"simdist: invalid input: --cache-dir: {problem}", file=sys.stderr)
+            return EXIT_INPUT
     if action == "info":
         return info(cache_dir)
     if action == "clear":

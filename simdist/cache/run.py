@@ -59,6 +59,26 @@ class _InDriver:
         return _Method
 
 
+def unusable_cache_dir(cache_dir: str | None) -> str | None:
+    """Why the cache directory cannot be used (a file where the directory should be, or a place
+    that cannot be written), or None. Checked once per run, so a bad `cache_dir` is one warning
+    and a run without the cache, instead of a warning from every part of the cache."""
+    from simdist.cache.store import resolve_dir
+
+    root = resolve_dir(cache_dir)
+    place = root
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        what = "is a file" if place == root else f"is under {place}, which is a file"
+        return (f"simdist cache: simulation.cache_dir {root} {what}, not a directory; "
+                "this run uses no cache")
+    if not os.access(place, os.W_OK | os.X_OK):
+        return (f"simdist cache: simulation.cache_dir {root} is not writable; this run uses no "
+                "cache")
+    return None
+
+
 def layer_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
     """plan.json `cache.layer`: how each class's blocks were obtained (mode/layer_memo.py).
     hits: memo models read from the layer store (nothing executed); misses: classes executed
@@ -96,7 +116,7 @@ def _rate(c: dict[str, int]) -> float:
 def disabled_summary(traces: list) -> dict[str, Any]:
     """plan.json `cache` for --no-cache: the in-process counters only."""
     c = _op_counts(traces)
-    return dict(enabled=False, **c, hit_rate=_rate(c))
+    return dict(enabled=False, **c, hit_rate=_rate(c), warnings=[])
 
 
 class RunCache:

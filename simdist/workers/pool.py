@@ -46,6 +46,25 @@ def start_workers(n: int) -> list:
     return actors
 
 
+class RankTimeout(TimeoutError):
+    """A rank's simulation call ran past `simulation.rank_timeout_s`."""
+
+    def __init__(self, rank: int | None, timeout_s: float) -> None:
+        super().__init__(rank, timeout_s)
+        self.rank, self.timeout_s = rank, timeout_s
+
+    def __str__(self) -> str:
+        who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        return (f"{who} did not finish within simulation.rank_timeout_s = {self.timeout_s:g} s "
+                "(raise it, or check the Ray cluster's health)")
+
+
+def _call_rank(call: tuple) -> int | None:
+    kind, what, *_ = call
+    task = what.task if kind == "build" else what
+    return getattr(task, "rank", None)
+
+
 class ActorPool:
     """Feeds the rank actors, one call per actor at a time. Waiting calls are taken most
     expensive first (blocks to execute; memo builds, which complete a rank, before anything):
@@ -91,6 +110,9 @@ class ActorPool:
                 continue
             try:
                 result = await asyncio.wait_for(self._call(actor, call), self._timeout_s)
+            except asyncio.TimeoutError:  # its str() is empty: say which rank and which key
+                if not fut.done():
+                    fut.set_exception(RankTimeout(_call_rank(call), self._timeout_s))
             except Exception as e:  # noqa: BLE001 - delivered to whoever awaits the call
                 if not fut.done():
                     fut.set_exception(e)

@@ -1,0 +1,52 @@
+"""One plain line for any exception: what the CLI prints for an internal error (the traceback only
+with --debug). Errors raised inside Ray actors arrive as RayTaskError, whose text is the remote
+traceback with terminal colour codes; the line names the original exception instead."""
+
+from __future__ import annotations
+
+import re
+import traceback
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def plain(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def root_cause(exc: BaseException) -> tuple[BaseException, str | None]:
+    """(the exception that was raised, where it was raised when that was in a Ray actor: the
+    remote traceback's text). RayTaskError (and its as_instanceof_cause subclasses) carry the
+    original as `.cause`."""
+    remote = None
+    seen = 0
+    while hasattr(exc, "cause") and hasattr(exc, "traceback_str") and seen < 8:
+        remote = getattr(exc, "traceback_str", None) or remote
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc, seen = cause, seen + 1
+    return exc, remote
+
+
+def _where(exc: BaseException, remote: str | None) -> str:
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    if frames:
+        return f"{frames[-1].filename}:{frames[-1].lineno}"
+    found = _FRAME.findall(plain(remote or ""))
+    return f"{found[-1][0]}:{found[-1][1]}" if found else "an unknown place"
+
+
+def one_line(exc: BaseException) -> str:
+    """'Type: first line of the message', colour codes removed; an exception with an empty message
+    is named with where it was raised ('AssertionError at simdist/x.py:12')."""
+    cause, remote = root_cause(exc)
+    text = plain(str(cause)).strip()
+    name = type(cause).__name__
+    if remote is not None and name.startswith("RayTaskError(") and name.endswith(")"):
+        name = name[len("RayTaskError("):-1]
+    if not text:
+        return f"{name} at {_where(cause, remote)}"
+    first = text.splitlines()[0].strip()
+    return f"{name}: {first[:300]}"
