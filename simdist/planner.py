@@ -6,15 +6,17 @@ on bad input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from simdist.cache.store import resolve_dir
-from simdist.config import ConfigError, SimdistConfig, require_trusted_code
+from torch import nn
+
+from simdist.config import ConfigError, ParallelConfig, SimdistConfig, require_trusted_code
 from simdist.costmodel import GPUSpec, UnknownGPU, gpu_spec
 from simdist.families import ModelError, ModelSpec, build_model, entrypoint_spec, resolve_model
 from simdist.layout import MeshLayout
 from simdist.parallel.classes import rank_classes
-from simdist.parallel.pipeline import stage_parts
+from simdist.parallel.pipeline import (STAGE_FIRST_ONLY, STAGE_LAST_ONLY, rank_stage_ids,
+                                       split_layers)
 from simdist.trace import RankTask
 from simdist.validate import check_plan
 
@@ -89,9 +91,7 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
 def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout) -> list[list[int]]:
     p = cfg.parallel
     dim0_by_stage = []
-    for pp_rank in range(p.pp):  # each pipeline rank's own parameters
-        parts = stage_parts(partial(build_model, spec, "meta"), spec.n_layers or 0, p, pp_rank)
-        dim0 = [prm.shape[0] for _, m in parts for prm in m.parameters() if prm.dim() > 0]
+    for dim0 in stage_dim0(spec, p):  # each pipeline rank's own parameters
         if p.tp > 1:
             # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp.
             # Adding both sizes can only split classes further, never merge ranks that differ.
@@ -101,6 +101,46 @@ def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout) -> 
     # experts' local dim 0 under EP: their own FSDP unit over dp_shard_mod_ep
     expert_dim0 = [spec.args.n_experts // p.ep] if p.ep > 1 else []
     return list(rank_classes(layout, dim0_by_stage, ep_loads, expert_dim0).values())
+
+
+def stage_dim0(spec: ModelSpec, p: ParallelConfig) -> list[list[int]]:
+    """Dim-0 sizes of the parameters every pipeline rank holds, from one model built on meta
+    (the stages keep what parallel/pipeline.py: prune_to_stage keeps)."""
+    model = build_model(spec, "meta")
+    if p.pp == 1 or not hasattr(model, "layers"):
+        return [[prm.shape[0] for prm in model.parameters() if prm.dim() > 0]]
+    dim0 = lambda m: [prm.shape[0] for prm in m.parameters() if prm.dim() > 0]  # noqa: E731
+    layer = {name: dim0(block) for name, block in model.layers.items()}
+    first = dim0_of(model, STAGE_FIRST_ONLY)
+    last = dim0_of(model, STAGE_LAST_ONLY)
+    rest = dim0_of(model, None)
+    split = split_layers(spec.n_layers or 0, p.stages, p.pp_layers)
+    out = []
+    for pp_rank in range(p.pp):
+        sizes: list[int] = []
+        for sid in rank_stage_ids(pp_rank, p.pp, p.stages_per_rank):
+            sizes += rest + (first if sid == 0 else []) + (last if sid == p.stages - 1 else [])
+            for i in split[sid]:
+                sizes += layer[str(i)]
+        out.append(sizes)
+    return out
+
+
+def dim0_of(model: nn.Module, names: tuple[str, ...] | None) -> list[int]:
+    """Dim-0 sizes of the parameters of `model`'s top-level children in `names` (None: the
+    children every stage keeps), each parameter once."""
+    keep = (lambda n: n in names) if names is not None else (  # noqa: E731
+        lambda n: n != "layers" and n not in STAGE_FIRST_ONLY + STAGE_LAST_ONLY)
+    seen: set[int] = set()
+    sizes = []
+    for name, child in model.named_children():
+        if child is None or not keep(name):
+            continue
+        for prm in child.parameters():
+            if id(prm) not in seen and prm.dim() > 0:
+                seen.add(id(prm))
+                sizes.append(prm.shape[0])
+    return sizes
 
 
 def expert_loads(spec: ModelSpec, cfg: SimdistConfig, layout: MeshLayout) -> list[tuple] | None:

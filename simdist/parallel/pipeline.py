@@ -38,6 +38,11 @@ def rank_stage_ids(pp_rank: int, pp: int, per_rank: int) -> list[int]:
     return [pp_rank + k * pp for k in range(per_rank)]
 
 
+# Modules only the first stage keeps (embeddings) and only the last (final norm, head).
+STAGE_FIRST_ONLY = ("tok_embeddings", "pos_embeddings")
+STAGE_LAST_ONLY = ("norm", "output")
+
+
 def prune_to_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
     """Keep this stage's layers; embeddings only on the first stage, norm + head on the last
     (torchtitan's convention: dropped modules become None and forward skips them)."""
@@ -45,13 +50,10 @@ def prune_to_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bo
     for name in list(model.layers.keys()):
         if name not in keep:
             del model.layers[name]
-    if not first:
-        model.tok_embeddings = None
-        if hasattr(model, "pos_embeddings"):
-            model.pos_embeddings = None
-    if not last:
-        model.norm = None
-        model.output = None
+    for names, kept in ((STAGE_FIRST_ONLY, first), (STAGE_LAST_ONLY, last)):
+        for name in names:
+            if not kept and hasattr(model, name):
+                setattr(model, name, None)
     return model
 
 
