@@ -20,6 +20,17 @@ MEMORY = pa.schema([
     ("delta", pa.int64()), ("live", pa.int64()),
 ])
 
+# The kernel stream of a class's step in issue order (simdist/mode/kernels.py): `row` is the
+# event's row in the ops table (kind "op") or the collectives table ("coll"), -1 for marks;
+# `wait` >= 0: the index of the event this one waits for; WAIT_NONE: none; WAIT_ALL: every
+# other stream (an op reading the results of several).
+WAIT_NONE, WAIT_ALL = -1, -2
+KERNELS = pa.schema([
+    ("kind", pa.string()), ("phase", pa.string()), ("module", pa.string()),
+    ("stream", pa.string()), ("wait", pa.int32()), ("weight", pa.int64()),
+    ("label", pa.string()), ("row", pa.int32()),
+])
+
 # Columns added when a class trace is written into the run directory.
 CLASS_COLUMNS = [("class_id", pa.int32())]
 OPS_OUT = pa.schema(CLASS_COLUMNS + list(OPS) + [("est_time_s", pa.float64())])

@@ -63,7 +63,24 @@ class CollectiveEvent(NamedTuple):
     weight: int
 
 
-STREAMS = ("memory", "ops", "collectives")
+class KernelEvent(NamedTuple):
+    """One entry of the kernel stream (mode/kernels.py): an op, a collective or a mark."""
+    kind: str  # "op" | "coll" | "mark"
+    phase: str
+    module: Any
+    stream: str  # ops: "compute" or an FSDP2 stream; collectives: their mesh dim
+    # The event waited for: the `wait_back`-th event of module `wait_module` on stream
+    # `wait_stream` counted back from this one (0: no wait; -1: it waits for every other
+    # stream). Counted within one module and stream, so blocks the layer memo inserts between
+    # the two change nothing.
+    wait_module: Any
+    wait_stream: str
+    wait_back: int
+    weight: int
+    label: str  # marks: the schedule's action
+
+
+STREAMS = ("memory", "ops", "collectives", "kernels")
 
 
 def named_event(stream: str, plain: tuple) -> tuple:
@@ -72,6 +89,8 @@ def named_event(stream: str, plain: tuple) -> tuple:
         return MemoryEvent(*plain)
     if stream == "collectives":
         return CollectiveEvent(*plain)
+    if stream == "kernels":
+        return KernelEvent(*plain)
     head, items = plain
     return OpEvent(OpHead(*head), tuple(OpItem(*i) for i in items))
 
@@ -87,6 +106,7 @@ class StepStreams:
     memory: list[MemoryEvent] = field(default_factory=list)
     ops: list[OpEvent] = field(default_factory=list)
     collectives: list[CollectiveEvent] = field(default_factory=list)
+    kernels: list[KernelEvent] = field(default_factory=list)
     scalars: dict[str, int] = field(default_factory=dict)
 
 
@@ -137,6 +157,7 @@ class RankTrace:
     ops: pa.Table
     collectives: pa.Table
     memory: pa.Table
+    kernels: pa.Table  # the kernel stream, in issue order (schema.KERNELS)
     executed_microbatches: int
     wall_s: float
     fake_cache: dict[str, int] = field(default_factory=dict)

@@ -21,7 +21,7 @@ def assert_same(model, **kw) -> None:  # noqa: ANN001
     assert memo.layer_memo == "memo", "the memo did not apply (fell back to full execution)"
     for f in FIELDS:
         assert getattr(memo, f) == getattr(full, f), f
-    for table in ("ops", "collectives", "memory"):
+    for table in ("ops", "collectives", "memory", "kernels"):
         a, b = getattr(full, table), getattr(memo, table)
         assert a.num_rows == b.num_rows, table
         assert a.equals(b), f"{table} rows differ"
@@ -106,7 +106,7 @@ def test_layer_store_round_trip_rebuilds_without_executing(tmp_path) -> None:
     assert (cold.layer_memo, cold.blocks_executed, cold.blocks_total) == ("memo", 9, 6)
     assert (warm.layer_memo, warm.blocks_executed) == ("memo-hit", 0)
     assert warm.fake_cache["misses"] == warm.fake_cache["hits"] == 0  # nothing dispatched
-    for table in ("ops", "collectives", "memory"):
+    for table in ("ops", "collectives", "memory", "kernels"):
         assert getattr(warm, table).equals(getattr(cold, table))
     # another depth of the same block reuses the stored model
     deeper = run_rank(spec("llama3-debug", n_layers=10), **kw)

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from simdist.cache.store import CacheWarning, _size, max_bytes_default, resolve_dir
 
-MEMO_FORMAT = 1
+MEMO_FORMAT = 2
 _SCHEMA = pa.schema([("part", pa.string()), ("json", pa.large_string())])
 _META_KEY = b"simdist.layers.key"
 _reported: set[str] = set()

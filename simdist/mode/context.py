@@ -9,6 +9,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from torch.distributed._tools.mod_tracker import ModTracker
 
@@ -33,6 +34,10 @@ class StepContext:
         # attribute ops to no module.
         self.mod_tracker = ModTracker() if track_modules else contextlib.nullcontext()
         self._excluded = threading.local()
+        # The GPU stream ops are issued on (mode/kernels.py), and the recorder of the kernel
+        # stream that the op and collective recorders notify (None: not recorded).
+        self.stream = "compute"
+        self.kernels: Any = None
 
     @contextlib.contextmanager
     def in_phase(self, phase: str, weight: int = 1) -> Iterator[None]:
@@ -42,6 +47,14 @@ class StepContext:
             yield
         finally:
             self.phase, self.weight = prev
+
+    @contextlib.contextmanager
+    def on_stream(self, stream: str) -> Iterator[None]:
+        prev, self.stream = self.stream, stream
+        try:
+            yield
+        finally:
+            self.stream = prev
 
     def module(self) -> str:
         """Innermost module FQN that is running (forward or backward)."""

@@ -93,6 +93,7 @@ def memo_shape(task: RankTask) -> MemoShape | None:
 # --- module names <-> LayerRef -------------------------------------------------------------------
 
 # Op events keep their module path and phase in their head; the other streams on the event.
+# (The kernel stream also names the module of the event it waits for.)
 def _get_module(stream: str, ev: tuple) -> Any:
     return ev.head.module if stream == "ops" else ev.module
 
@@ -101,6 +102,14 @@ def _set_module(stream: str, ev: tuple, module: Any) -> tuple:
     if stream == "ops":
         return ev._replace(head=ev.head._replace(module=module))
     return ev._replace(module=module)
+
+
+def _map_modules(stream: str, ev: tuple, fn: Callable[[Any], Any]) -> tuple:
+    """`ev` with `fn` applied to each of its module fields."""
+    ev = _set_module(stream, ev, fn(_get_module(stream, ev)))
+    if stream == "kernels" and ev.wait_back:
+        ev = ev._replace(wait_module=fn(ev.wait_module))
+    return ev
 
 
 def _phase(stream: str, ev: tuple) -> str:
@@ -120,16 +129,15 @@ def _canonical(streams: StepStreams, per_stage: int) -> dict[str, list[tuple]]:
                 cache[module] = LayerRef(m.group(1), stage, pos, m.group(3) or "")
         return cache[module]
 
-    return {name: [_set_module(name, ev, ref(_get_module(name, ev)))
-                   for ev in getattr(streams, name)] for name in STREAMS}
+    return {name: [_map_modules(name, ev, ref) for ev in getattr(streams, name)]
+            for name in STREAMS}
 
 
 def _moved(stream: str, events: list[tuple], fn: Callable[[LayerRef], Any]) -> list[tuple]:
-    out = []
-    for ev in events:
-        module = _get_module(stream, ev)
-        out.append(_set_module(stream, ev, fn(module)) if isinstance(module, LayerRef) else ev)
-    return out
+    def move(m: Any) -> Any:
+        return fn(m) if isinstance(m, LayerRef) else m
+
+    return [_map_modules(stream, ev, move) for ev in events]
 
 
 def _shift_after(stream: str, events: list[tuple], after: int, by: int) -> list[tuple]:
@@ -148,6 +156,10 @@ class _Insert:
     # events nest around the next one's (allocations ascending, frees descending) adds its
     # two halves at one place of the a-block stream.
     split: int = -1
+    # The order the copies run in: None, by phase (backward walks the blocks descending);
+    # True / False where the step runs them otherwise (the pipeline's deferred reductions of
+    # the units run ascending inside backward).
+    descending: bool | None = None
 
 
 @dataclass
@@ -188,20 +200,24 @@ def _insertions(old: list, new: list, inner: bool) -> list:
     return edits
 
 
-def _copies(stream: str, part: list[tuple], extra: int) -> list[tuple]:
+def _copies(stream: str, part: list[tuple], extra: int,
+            descending: bool | None = None) -> list[tuple]:
     """`extra` copies of the events one block adds, renumbered (as recorded, the new block is
     at position after+1; copy k is at after+k), in the order the blocks run there."""
     if not part:
         return []
-    descending = _phase(stream, part[0]) == "bwd"
+    if descending is None:
+        descending = _phase(stream, part[0]) == "bwd"
     out: list[tuple] = []
     for k in (range(extra, 0, -1) if descending else range(1, extra + 1)):
         out.extend(_moved(stream, part, lambda r, d=k - 1: replace(r, pos=r.pos + d)))
     return out
 
 
-def _render(stream: str, segment: list[tuple], split: int, extra: int) -> list[tuple]:
-    return _copies(stream, segment[:split], extra) + _copies(stream, segment[split:], extra)
+def _render(stream: str, segment: list[tuple], split: int, extra: int,
+            descending: bool | None = None) -> list[tuple]:
+    return (_copies(stream, segment[:split], extra, descending)
+            + _copies(stream, segment[split:], extra, descending))
 
 
 def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra: int,
@@ -231,7 +247,7 @@ def extrapolate(stream: str, short: list[tuple], edits: list, after: int, extra:
             check(1)
             cursor += 1
             continue
-        out.extend(_render(stream, e.segment, e.split, extra))
+        out.extend(_render(stream, e.segment, e.split, extra, e.descending))
     out.extend(base[cursor:])
     if target is not None and out != target:
         raise FitError("prediction differs at the end")
@@ -250,11 +266,12 @@ def _place(stream: str, e: _Insert, short: list[tuple], base: list[tuple], curso
     while True:
         start = len(out) + at - cursor
         if base[cursor:at] == target[len(out):start]:
-            for split in [len(segment)] + list(range(1, len(segment))):
-                rendered = _render(stream, segment, split, extra)
-                if target[start:start + len(rendered)] == rendered:
-                    e.at, e.segment, e.split = at, segment, split
-                    return
+            for descending in (None, True, False):
+                for split in [len(segment)] + list(range(1, len(segment))):
+                    rendered = _render(stream, segment, split, extra, descending)
+                    if target[start:start + len(rendered)] == rendered:
+                        e.at, e.segment, e.split, e.descending = at, segment, split, descending
+                        return
         if at >= limit or not segment:
             break
         x = _shift_after(stream, [short[at]], after, 1)[0]  # as in the (a+1)-block stream
@@ -337,7 +354,8 @@ def _from_json(x: Any) -> Any:
 
 def _edits_to_json(edits: list) -> list:
     return [{"inner": e.at, "edits": _edits_to_json(e.edits)} if isinstance(e, _Inner)
-            else {"at": e.at, "split": e.split, "segment": _to_json(e.segment)} for e in edits]
+            else {"at": e.at, "split": e.split, "descending": e.descending,
+                  "segment": _to_json(e.segment)} for e in edits]
 
 
 def _events_from_json(stream: str, rows: list) -> list[tuple]:
@@ -348,7 +366,8 @@ def _edits_from_json(stream: str, rows: list) -> list:
     """`stream` None: the edits of one op's items (inside an _Inner)."""
     return [_Inner(r["inner"], _edits_from_json(None, r["edits"])) if "inner" in r
             else _Insert(r["at"], _events_from_json(stream, r["segment"]) if stream
-                         else [OpItem(*i) for i in _from_json(r["segment"])], r["split"])
+                         else [OpItem(*i) for i in _from_json(r["segment"])], r["split"],
+                         r.get("descending"))
             for r in rows]
 
 

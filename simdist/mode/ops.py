@@ -50,4 +50,6 @@ class OpCounter(TorchDispatchMode):
                       self.ctx.module(), self.ctx.weight, kernel_flops(func, args, kwargs, out),
                       is_write_only(func))
         self.events.append(OpEvent(head, _items(args, out)))
+        if self.ctx.kernels is not None:
+            self.ctx.kernels.on_op((args, kwargs), out)
         return out

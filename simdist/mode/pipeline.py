@@ -41,6 +41,26 @@ def _phase_wrapped(ctx: StepContext, fn: Any, phase: str) -> Any:
     return run
 
 
+def _action_wrapped(ctx: StepContext, fn: Any, phase: str, action: str, stage: int) -> Any:
+    """A schedule action (F, B, I = input gradient only, W = weight gradient) of one
+    micro-batch on one stage, marked at its begin and end in the kernel stream: the pipeline's
+    cross-stage simulation replays the schedule from these (costmodel/step_sim.py)."""
+    @functools.wraps(fn)
+    def run(chunk: int, *args: Any, **kwargs: Any) -> Any:
+        kind = action
+        if action == "B" and kwargs.get("full_backward", True) is False:
+            kind = "I"
+        with ctx.in_phase(phase):
+            if ctx.kernels is not None:
+                ctx.kernels.mark(f"begin {kind} {stage} {chunk}")
+            out = fn(chunk, *args, **kwargs)
+            if ctx.kernels is not None:
+                ctx.kernels.mark(f"end {kind} {stage} {chunk}")
+            return out
+
+    return run
+
+
 def build_stages(parts: list[tuple[int, nn.Module]], num_stages: int, group: Any,
                  batch: int, seq_len: int, fake_mode: FakeTensorMode, ctx: StepContext,
                  dtype: torch.dtype, seq_shards: int = 1) -> list[PipelineStage]:
@@ -66,9 +86,12 @@ def build_stages(parts: list[tuple[int, nn.Module]], num_stages: int, group: Any
                 m.reshard()
         stage = PipelineStage(module, stage_id, num_stages, torch.device("cpu"),
                               input_args=(example,), output_args=(out_example,), group=group)
-        stage.forward_one_chunk = _phase_wrapped(ctx, stage.forward_one_chunk, "fwd")
-        stage.backward_one_chunk = _phase_wrapped(ctx, stage.backward_one_chunk, "bwd")
-        stage.backward_weight_one_chunk = _phase_wrapped(ctx, stage.backward_weight_one_chunk, "bwd")
+        stage.forward_one_chunk = _action_wrapped(ctx, stage.forward_one_chunk, "fwd", "F",
+                                                  stage_id)
+        stage.backward_one_chunk = _action_wrapped(ctx, stage.backward_one_chunk, "bwd", "B",
+                                                   stage_id)
+        stage.backward_weight_one_chunk = _action_wrapped(
+            ctx, stage.backward_weight_one_chunk, "bwd", "W", stage_id)
         stages.append(stage)
     return stages
 

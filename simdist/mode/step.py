@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 
 from simdist.mode.collectives import CollectiveRecorder
+from simdist.mode.kernels import KernelStream, fsdp_streams
 from simdist.mode.context import StepContext
 from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
@@ -81,13 +82,19 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     colls = CollectiveRecorder(ctx, group_dims)
     ops = OpCounter(ctx)
     mem = MemoryTracker(ctx)
+    ctx.kernels = KernelStream(ctx)  # notified by the op and collective recorders
+
     def checkpoint_inputs(args: tuple) -> None:
         for t in tree_iter(args):
             if isinstance(t, torch.Tensor):
                 mem.mark_saved(t)
 
-    with ctx.mod_tracker, colls, ops, mem, observe_checkpoint_inputs(checkpoint_inputs):
-        yield colls, ops, mem
+    try:
+        with ctx.mod_tracker, colls, ops, mem, observe_checkpoint_inputs(checkpoint_inputs), \
+                fsdp_streams(ctx):
+            yield colls, ops, mem, ctx.kernels
+    finally:
+        ctx.kernels = None
 
 
 def record_step(
@@ -106,7 +113,7 @@ def record_step(
     # list unsharded views while FSDP holds them gathered.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     streams = StepStreams()
-    with fake_mode, recording(ctx, group_dims) as (colls, ops, mem):
+    with fake_mode, recording(ctx, group_dims) as (colls, ops, mem, kernels):
         mem.track_existing(params, "param")
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
         mem.track_existing(resident, "buffer")
@@ -121,6 +128,7 @@ def record_step(
             optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
             optimizer.zero_grad(set_to_none=True)
     streams.memory, streams.ops, streams.collectives = mem.close(), ops.events, colls.events
+    streams.kernels = kernels.events
     streams.scalars = dict(initial_live=initial_live, initial_saved=initial_saved,
                            param_bytes=param_bytes, grad_bytes=grad_bytes,
                            optimizer_bytes=optimizer_bytes, executed_microbatches=executed)
