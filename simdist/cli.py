@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
+    cal = sub.add_parser("calibrate", help="measure this machine's GPU(s): write a calibration table")
+    cal.add_argument("--out", help="the table (default calibration-<gpu>.parquet; sidecar <stem>.json)")
+    cal.add_argument("--gpu", help="the GPU preset to write rows for (default: detected)")
+    cal.add_argument("--quick", action="store_true", help="fewer shapes and sizes (under a minute)")
     return p
 
 
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             from simdist.cache.commands import cache_command
 
             return cache_command(args.action, args.cache_dir)
+        if args.command == "calibrate":
+            from simdist.calibrate import calibrate_command
+
+            return calibrate_command(args.out, args.gpu, args.quick)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # an internal error: short message, traceback only on request
