@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
     for sp in (run, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
         sp.add_argument("--debug", **debug, default=argparse.SUPPRESS)
+    cal = sub.add_parser("calibrate", help="measure this machine's GPU(s): write a calibration table")
+    cal.add_argument("--out", help="the table (default calibration-<gpu>.parquet; sidecar <stem>.json)")
+    cal.add_argument("--gpu", help="the GPU preset to write rows for (default: detected)")
+    cal.add_argument("--quick", action="store_true", help="fewer shapes and sizes (under a minute)")
     return p
 
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                 from simdist.cache.commands import cache_command
 
                 return cache_command(args.action, args.cache_dir)
+            if args.command == "calibrate":
+                from simdist.calibrate import calibrate_command
+
+                return calibrate_command(args.out, args.gpu, args.quick)
         except KeyboardInterrupt:
             name = stop.signal_name or "SIGINT"
             print(f"simdist: stopped by {name}; nothing written", file=sys.stderr)

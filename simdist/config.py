@@ -240,6 +240,21 @@ class ClusterConfig(BaseModel):
     gpus_per_node: _bounded(1, GPUS_PER_NODE_MAX) = 8
     nodes: _bounded(1, NODES_MAX) = 1
     price_per_gpu_hour: Annotated[float, annotated_types.Ge(0), annotated_types.Le(PRICE_MAX)] | None = None
+    # A table written by `simdist calibrate` (load_calibration), over the defaults; null: the
+    # defaults alone. simdist.calibrate.calibration_for(cfg) gives the table a run uses.
+    calibration: str | None = None
+
+    @model_validator(mode="after")
+    def _calibration_table(self) -> ClusterConfig:
+        if self.calibration is not None:
+            from simdist.calibrate import check_calibration_file
+
+            gpu = self.gpu if isinstance(self.gpu, str) else self.gpu.name
+            try:
+                self.calibration = str(check_calibration_file(self.calibration, gpu))
+            except ValueError as e:
+                raise ConfigError("cluster.calibration", str(e)) from None
+        return self
 
 
 class SimulationConfig(BaseModel):
