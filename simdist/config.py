@@ -144,9 +144,12 @@ class TrainingConfig(BaseModel):
     global_batch: _bounded(1, GLOBAL_BATCH_MAX) | None = None  # None => dp * micro_batch (one micro-batch per step)
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    activation_checkpointing: Literal["none", "selective", "full", "op"] = "none"
+    activation_checkpointing: Literal["none", "selective", "full", "op", "layer"] = "none"
     attention: Literal["flash", "eager"] = "flash"
     routing: str = "balanced"  # MoE token routing: balanced | zipf:<alpha> | file:<path>
+    # Time pointwise chains as torch.compile fuses them (costmodel/kernels.py); torchtitan
+    # users compile. Memory and FLOPs are those of eager execution either way.
+    compile: bool = False
     # When data parallelism reduces gradients over a step's micro-batches: once per step (all
     # but the last micro-batch accumulate without communication), after every micro-batch, or
     # as real code does for the plan (simdist.parallel.data_parallel.grad_sync_rule).

@@ -17,7 +17,8 @@ import torch
 
 import simdist
 from simdist.config import SimdistConfig, check_workers, trusting
-from simdist.families import build_model, count_params
+from simdist.calibrate import calibration_for
+from simdist.families import build_model, count_params, flops_per_token
 from simdist.memo import executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
 from simdist.planner import RunPlan, plan_run
@@ -177,15 +178,8 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         execution=dict(ray_address=ray_address, nodes=len(nodes), cluster_nodes=cluster_nodes,
                        actors=n_actors, exhaustive=run.exhaustive),
     )
-    plan = merge(
-        layout=run.layout, classes=run.classes, traces=traces, gpu=run.gpu,
-        gpus_per_node=cfg.cluster.gpus_per_node, dtype=t.dtype, summary=summary,
-        tokens_per_step=t.global_batch * t.seq_len,
-        memory_limit_bytes=run.memory_limit_bytes,
-        pp_schedule=cfg.parallel.pp_schedule,
-        pp_virtual_stages=cfg.parallel.pp_virtual_stages,
-        num_microbatches=cfg.num_microbatches,
-    )
+    summary["flops_per_token"] = flops_per_token(run.spec, t.seq_len)
+    plan = merge(run, traces, summary, calibration_for(cfg))
     plan.summary["sim_wall_s"] = time.perf_counter() - t0
     return plan
 

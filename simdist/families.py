@@ -137,3 +137,20 @@ def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Modu
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int) -> dict[str, int]:
+    """Model FLOPs per token in the published MFU conventions, from the model built on meta:
+    torchtitan's 6*(N - N_embedding) + 12*L*H*Q*T and PaLM's 6*N + 12*L*H*Q*T (N parameters,
+    L layers, H heads, Q head dim, T sequence length). Empty where the model has no such
+    shape (a user model without n_layers / n_heads / dim)."""
+    args = spec.args
+    layers, heads, dim = (getattr(args, k, None) for k in ("n_layers", "n_heads", "dim"))
+    if not (layers and heads and dim):
+        return {}
+    model = build_model(spec, "meta")
+    n = count_params(model)
+    emb = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
+              for p in m.parameters(recurse=False))
+    attention = 12 * layers * heads * (dim // heads) * seq_len
+    return {"torchtitan": 6 * (n - emb) + attention, "palm": 6 * n + attention}

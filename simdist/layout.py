@@ -85,3 +85,35 @@ class MeshLayout:
         out["dp_shard_mod_ep"] = inside(coords["dp_shard"] // ep, shard_stride * ep,
                                         self.degree("dp_shard_mod_ep"))
         return out
+
+
+def group_placements(layout: MeshLayout, gpus_per_node: int) -> dict[str, tuple]:
+    """Per dim of GROUP_DIMS (and "world"): for every rank, (ranks of its group on its busiest
+    node, nodes its group spans), as two int arrays over ranks. Each group is counted once:
+    linear in ranks whatever the group sizes."""
+    import numpy as np
+
+    world = layout.world_size
+    ranks = np.arange(world)
+    coords = dict(zip(MESH_ORDER, np.unravel_index(ranks, layout.degrees)))
+    strides = layout.strides()
+    node = ranks // gpus_per_node
+    ep = layout.ep
+    shard = coords["dp_shard"]
+    zeroed = {d: ranks - coords[d] * strides[d] for d in MESH_ORDER}
+    zeroed[DP_SHARD_CP] = ranks - shard * strides["dp_shard"] - coords["cp"] * strides["cp"]
+    zeroed["ep"] = ranks - (shard % ep) * strides["dp_shard"]
+    zeroed["dp_shard_mod_ep"] = ranks - (shard // ep) * ep * strides["dp_shard"]
+    zeroed["world"] = np.zeros(world, dtype=ranks.dtype)
+    out = {}
+    for dim, group in zeroed.items():
+        pair = group.astype(np.int64) * (world // gpus_per_node + 1) + node
+        uniq, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+        g_of_pair = uniq // (world // gpus_per_node + 1)
+        g_ids, g_inv = np.unique(g_of_pair, return_inverse=True)
+        n_nodes = np.bincount(g_inv)
+        local = np.zeros(len(g_ids), dtype=np.int64)
+        np.maximum.at(local, g_inv, counts)
+        rank_group = g_inv[inverse]
+        out[dim] = (local[rank_group], n_nodes[rank_group])
+    return out

@@ -36,6 +36,7 @@ CLASS_COLUMNS = [("class_id", pa.int32())]
 OPS_OUT = pa.schema(CLASS_COLUMNS + list(OPS) + [("est_time_s", pa.float64())])
 COLLECTIVES_OUT = pa.schema(CLASS_COLUMNS + list(COLLECTIVES) + [("est_time_s", pa.float64())])
 MEMORY_OUT = pa.schema(CLASS_COLUMNS + list(MEMORY))
+KERNELS_OUT = pa.schema(CLASS_COLUMNS + list(KERNELS) + [("est_time_s", pa.float64())])
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
 

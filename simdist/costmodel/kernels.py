@@ -155,11 +155,13 @@ def gemm_dims(op_name: str, shapes: str) -> tuple[int, int, int, int] | None:
 
 def gemm_quantisation(batch: int, m: int, n: int, sms: int, tile: tuple[int, int],
                       k: int = 0, splitk_min_k: int = 0) -> float:
-    """Useful tiles / (waves * SMs), tiles of ``tile`` in the better orientation. With fewer
-    tiles than SMs, K is split over up to SMs // tiles slices of at least ``splitk_min_k``
-    (cuBLAS / CUTLASS split-K); ``k = 0`` turns that off."""
+    """Useful tiles / (waves * SMs), for the best of the CTA tiles cuBLAS chooses among: ``tile``
+    in either orientation and the square tile of its short side (128 x 128, CUTLASS's default
+    for bf16 on A100 / H100). With fewer tiles than SMs, K is split over up to SMs // tiles
+    slices of at least ``splitk_min_k`` (cuBLAS / CUTLASS split-K); ``k = 0`` turns that off."""
     best = 0.0
-    for tm, tn in (tile, tile[::-1]):
+    short = min(tile)
+    for tm, tn in (tile, tile[::-1], (short, short)):
         tiles = batch * math.ceil(m / tm) * math.ceil(n / tn)
         split = 1
         if k and splitk_min_k and tiles < sms:

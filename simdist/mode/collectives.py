@@ -75,6 +75,8 @@ class CollectiveRecorder(TorchDispatchMode):
             return out
         name = func._overloadpacket.__name__
         kind = collective_kind(name)
+        if name == "wait_tensor" and self.ctx.kernels is not None:
+            self.ctx.kernels.on_wait(args, out)
         if kind is None or name in _IGNORED:
             return out
         pg = _process_group(func, args)

@@ -98,6 +98,17 @@ class KernelStream:
             self._writes((args, out), index)
         self._append("op", stream, waited=waited)
 
+    def on_wait(self, args: Any, out: Any) -> None:
+        """A functional collective's `wait_tensor`: its result (under fake tensors a new
+        storage) is the collective's output."""
+        found = [self._written[st._cdata] for st in _storages(args) if st._cdata in self._written]
+        if found:
+            for st in _storages(out):
+                key = st._cdata
+                if key not in self._written:
+                    weakref.finalize(st, self._written.pop, key, None)
+                self._written[key] = max(found)
+
     def on_collective(self, args: Any, out: Any, mesh_dim: str) -> None:
         self._writes((args, out), len(self.events))
         self._append("coll", mesh_dim)

@@ -1,5 +1,7 @@
 """Activation checkpointing with torch's non-reentrant checkpoint:
 - `full`: every block (torch's checkpoint_wrapper);
+- `layer`: every other block, fully (torchtitan's selective layer AC at its default frequency
+  2: blocks 0, 2, 4, ...);
 - `selective`: the attention core of every block (Korthikanti et al. 2022: recompute QK^T,
   softmax, dropout and attention over V; keep everything else);
 - `op`: torchtitan's op-level policy: keep the outputs of matmuls (every other one), attention
@@ -88,8 +90,10 @@ def apply_ac(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     for name, block in list(model.layers.items()):
-        if mode == "full":
+        if mode == "full" or (mode == "layer" and int(name) % 2 == 0):
             model.layers[name] = _wrap_block(block)
+        elif mode == "layer":
+            continue
         elif mode == "op":
             model.layers[name] = _wrap_block(block, context_fn=_op_sac_context)
         elif mode == "selective":
