@@ -299,8 +299,8 @@ def _timeline(run: RunPlan, traces: list[RankTrace], placed: dict[tuple, _Placed
                             k["weight"].to_pylist(), k["label"].to_pylist(), p.durations,
                             p.slowdown, keep_spans=True)
         modules, phases = k["module"].to_pylist(), k["phase"].to_pylist()
-        events.append({"name": "process_name", "ph": "M", "pid": cid, "tid": 0,
-                       "args": {"name": f"class {cid} (rank {rank})"}})
+        events.append({"name": "process_name", "ph": "M", "ts": 0, "dur": 0, "pid": cid,
+                       "tid": 0, "args": {"name": f"class {cid} (rank {rank})"}})
         streams: dict[str, int] = {}
         last: dict[str, dict] = {}
         for span in res.spans or []:
@@ -317,6 +317,6 @@ def _timeline(run: RunPlan, traces: list[RankTrace], placed: dict[tuple, _Placed
             events.append(ev)
             last[span.stream] = ev
         for s, tid in streams.items():
-            events.append({"name": "thread_name", "ph": "M", "pid": cid, "tid": tid,
-                           "args": {"name": s}})
+            events.append({"name": "thread_name", "ph": "M", "ts": 0, "dur": 0, "pid": cid,
+                           "tid": tid, "args": {"name": s}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

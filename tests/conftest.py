@@ -51,3 +51,19 @@ def collective_counts(tr: RankTrace, mesh_dim: str) -> Counter:
         if r["mesh_dim"] == mesh_dim:
             c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
     return c
+
+
+def simulate_here(config: dict):  # noqa: ANN201 - simdist.plan.ClusterPlan
+    """A whole plan in this process, without Ray: the planner's tasks through the memo protocol
+    on a local pool, merged as `simdist run` merges them."""
+    from simdist.calibrate import calibration_for
+    from simdist.config import load_config
+    from simdist.families import flops_per_token
+    from simdist.plan import merge
+    from simdist.planner import plan_run
+
+    cfg = load_config(config)
+    run = plan_run(cfg, use_cache=False)
+    traces = [simulate_rank(t) for t in run.tasks]
+    summary = {"flops_per_token": flops_per_token(run.spec, cfg.training.seq_len)}
+    return merge(run, traces, summary, calibration_for(cfg))

@@ -35,7 +35,8 @@ RANK_COLUMNS = {
     "other_bytes", "flops", "hbm_bytes", "comm_bytes", "compute_s", "comm_s", "exposed_comm_s",
     "bubble_s", "step_s", "fits",
 }
-RUN_FILES = {"plan.json", "ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet"}
+RUN_FILES = {"plan.json", "ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet",
+             "kernels.parquet", "timeline.json"}
 
 
 def simdist_cmd() -> list[str]:
@@ -213,7 +214,7 @@ def tiny_plan(tag: str):
 
     t = pa.table({"class_id": pa.array([0], pa.int32()), "x": [1]})
     return ClusterPlan(summary={"tag": tag}, ranks=pa.table({"rank": [0]}), ops=t, collectives=t,
-                       memory=t)
+                       memory=t, kernels=t)
 
 
 def old_run(parent: Path) -> Path:
