@@ -33,6 +33,7 @@ CP_DEGREES = (1, 2, 4, 8)
 ZERO_STAGES = (1, 2, 3)
 AC_MODES = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8)
+KERNELS_PER_LAYER, LAUNCH_S = 60, 5e-6  # the prior's launch floor (small models)
 ENUMERATED_MAX = 2_000_000  # leaves of the plan space walked (a bound on the search's own time)
 
 # Bytes per parameter of the model states (mixed-precision AdamW; README "search"):
@@ -45,13 +46,15 @@ PRIOR_TEXT = (
     "analytical prior, used only to order the simulations: step = compute + pipeline bubble + "
     "TP and CP communication + FSDP/DP communication beyond compute; compute = (6 N_non-embedding "
     "+ 12 L d s) FLOPs per token x recompute (full AC 4/3, selective 1.1) / (GPUs x dense peak x "
-    "matmul efficiency); bubble = compute (pp-1) / (micro-batches x virtual stages); TP = 8 "
+    "matmul efficiency), at least 60 kernel launches of 5 us per layer per micro-batch; bubble = compute (pp-1) / (micro-batches x virtual stages); TP = 8 "
     "collectives (10 with full AC) of b s d bf16 per layer per micro-batch over NVLink; FSDP = 3 "
     "passes of the bf16 parameter shard per micro-batch (once per step with pp), HSDP/DP an "
     "all-reduce of the gradients, over NVLink when the group fits in a node else the NIC; memory "
-    "= model states (STATE_BYTES) + two unsharded bf16 layers (ZeRO-3) + activations (per layer "
-    "per micro-batch in flight: b s d x 34 / tp bytes without AC, x 20 / tp selective, 2 / tp "
-    "full) + logits (b s V x 10 / tp); plans estimated to fit first, then by the objective")
+    "= model states (STATE_BYTES) + unsharded bf16 parameters (ZeRO-3: two blocks; with pp the "
+    "stage's parameters and gradients, 4 bytes/param / (tp pp)) + activations per layer per "
+    "micro-batch in flight (pp, +1 interleaved): b s (6 d + 4 ffn) x 2 / tp bytes without AC, "
+    "x 1.2 / tp selective, b s d x 2 / tp full (+ one block recomputed) + logits (b s V x 10 / "
+    "tp); plans estimated to fit first, then by the objective (ties: lower memory first)")
 
 
 def divisors(n: int) -> list[int]:
@@ -170,6 +173,8 @@ def prior(m: ModelFacts, base: SimdistConfig, gpu: Any, v: dict[str, Any], gpus_
     recompute = {"full": 4 / 3, "selective": 1.1}.get(ac, 1.0)
     flops = (6 * m.non_embedding + 12 * L * d * seq) * tokens * recompute
     compute = flops / (world * gpu.flops_for(base.training.dtype) * gpu.matmul_efficiency)
+    # launch floor: a step launches about KERNELS_PER_LAYER kernels per layer per micro-batch
+    compute = max(compute, (L / pp) * n_mb * KERNELS_PER_LAYER * recompute * LAUNCH_S)
     virtual = v_stages if v["parallel.pp_schedule"] in ("interleaved_1f1b", "zero_bubble") else 1
     bubble = compute * (pp - 1) / (n_mb * virtual) if pp > 1 else 0.0
     nvlink, nic = gpu.nvlink_bw * gpu.link_efficiency, gpu.internode_bw * gpu.link_efficiency
@@ -191,13 +196,21 @@ def prior(m: ModelFacts, base: SimdistConfig, gpu: Any, v: dict[str, Any], gpus_
     step = compute + bubble + tp_comm + cp_comm + max(0.0, dp_comm - compute)
     # memory
     states = state_bound(m.n_params, zero, shard, tp, pp)
-    transient = 2 * 2 * m.non_embedding / L / tp if zero == 3 else 0.0
-    per_layer = act_bytes / 2 * {"none": 34, "selective": 20, "full": 2}.get(ac, 34) / tp
-    in_flight = min(pp, n_mb) if pp > 1 else 1
+    if zero == 3 and pp > 1:  # unsharded bf16 parameters and gradients kept over micro-batches
+        transient = 4 * m.n_params / (tp * pp)
+    elif zero == 3:  # two unsharded bf16 blocks (FSDP prefetch)
+        transient = 2 * 2 * m.non_embedding / L / tp
+    else:
+        transient = 0.0
+    ffn = m.ffn_dim or 4 * d
+    tokens_mb = mb * seq / cp
+    per_layer = tokens_mb * {"none": 2 * (6 * d + 4 * ffn), "selective": 1.2 * (6 * d + 4 * ffn),
+                             "full": 2 * d}.get(ac, 2 * (6 * d + 4 * ffn)) / tp
+    in_flight = min(n_mb, pp + (1 if virtual > 1 else 0)) if pp > 1 else 1
     acts = per_layer * (L / pp) * in_flight
     if ac == "full":
-        acts += act_bytes / 2 * 34 / tp  # one block's activations while it is recomputed
-    logits = mb * seq / cp * vocab * 10 / tp
+        acts += tokens_mb * 2 * (6 * d + 4 * ffn) / tp  # one block while it is recomputed
+    logits = tokens_mb * vocab * 10 / tp
     peak = states + transient + acts + logits
     return dict(prior_step_time_s=step, prior_tokens_per_s=tokens / step,
                 prior_peak_bytes=int(peak))
@@ -252,8 +265,8 @@ def prior_key(objective: str, limit: int):  # noqa: ANN201
         if objective == "peak":
             return (p["prior_peak_bytes"], -p["prior_tokens_per_s"])
         if objective == "cost":
-            return (not fits, c.values["gpus"] / p["prior_tokens_per_s"])
-        return (not fits, -p["prior_tokens_per_s"])
+            return (not fits, c.values["gpus"] / p["prior_tokens_per_s"], p["prior_peak_bytes"])
+        return (not fits, -p["prior_tokens_per_s"], p["prior_peak_bytes"])
     return key
 
 
