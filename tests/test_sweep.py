@@ -14,7 +14,7 @@ import pytest
 from simdist.config import ConfigError
 from simdist.sweep import combinations, parse_grid, split_values
 
-from .test_cli import QUICKSTART, run_cli
+from tests.test_cli import QUICKSTART, run_cli
 
 GRID = ["parallel.tp=1,2,3", "training.activation_checkpointing=none,full"]
 PRICE = 2.5
