@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import simdist
-from simdist.config import SimdistConfig, check_workers, trusting
+from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
 from simdist.families import build_model, count_params
 from simdist.memo import executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge

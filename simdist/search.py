@@ -342,12 +342,15 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
         case = PlanCase(len(cases), dict(c.values), [*overrides, *case_overrides(c)],
                         extra=dict(c.prior))
         plan_case(config, case, trust_code=trust_code, use_cache=use_cache)
-        if case.run is None:
+        if case.run is None and not case.failed:
             key = case.skip_reason.split(":", 1)[0]
             pruned[f"config: {key}"] += 1
             continue
-        cases.append(case)
+        cases.append(case)  # planned, or failed in the planner (a row of its own)
     bar = SweepProgress(len(cases), 0, progress, what="search")
+    for c in cases:
+        if c.run is None:
+            bar.finished(c)
     bar.line(f"{enumerated:,} plans enumerated, {sum(pruned.values()):,} pruned, "
              f"{len(cands):,} candidates; simulating {len(cases)} best-first")
     tmp = staging_dir(out)

@@ -131,12 +131,35 @@ def plan_case(config: str | Path | dict, case: PlanCase, *, trust_code: bool = F
     """Load and plan `case` (pure, no Ray); a ConfigError becomes its skip reason."""
     from simdist.planner import plan_run
 
+    from simdist.errors import one_line
+
     try:
         case.cfg = load_config(config, case.overrides, trust_code=trust_code)
         case.run = plan_run(case.cfg, use_cache=use_cache)
     except ConfigError as e:
         case.cfg, case.run, case.skip_reason = None, None, str(e)
+    except Exception as e:  # noqa: BLE001 - the planner's own failure is this plan's row
+        case.run, case.failed = None, f"internal error: {one_line(e)}"
     return case
+
+
+def base_error(config: str | Path | dict, overrides: list[str], *,
+               trust_code: bool = False) -> ConfigError | None:
+    """The config with --set alone: its ConfigError, if any."""
+    try:
+        load_config(config, overrides, trust_code=trust_code)
+    except ConfigError as e:
+        return e
+    return None
+
+
+def check_base(error: ConfigError | None, cases: list[PlanCase]) -> None:
+    """A config or --set that is wrong whatever the grid sets (a missing file, bad YAML, an
+    unknown key: every plan skipped with the base config's own error) is exit 2, not a sweep of
+    skipped plans. A base that only the grid's values make valid (tp=3 in the file, the grid
+    sets tp) is fine."""
+    if error is not None and cases and all(c.skip_reason == str(error) for c in cases):
+        raise error
 
 
 def cost_per_million_tokens(cfg: SimdistConfig | None, summary: dict) -> float | None:
@@ -377,20 +400,22 @@ class SweepResult:
 def run_sweep(config: str | Path | dict, grid_texts: list[str], overrides: list[str], out: Path,
               *, address: str | None = None, workers: int | str | None = None,
               use_cache: bool = True, trust_code: bool = False, concurrency: int = 1,
-              progress: bool = True) -> SweepResult:
-    """Plan every combination, simulate the valid ones in one Ray session, write `out`
-    (already checked by rundir.check_out) atomically: built beside it, renamed at the end."""
+              progress: bool = True, limit: int | None = None) -> SweepResult:
+    """Plan every combination (the first `limit` only, when given), simulate the valid ones in
+    one Ray session, write `out` (already checked by rundir.check_out) atomically: built beside
+    it, renamed at the end."""
     from simdist.rundir import install, staging_dir
 
     t0 = time.perf_counter()
-    load_config(config, overrides, trust_code=trust_code)  # the base config itself must load
     grid = parse_grid(grid_texts)
     keys = list(grid)
+    error = base_error(config, overrides, trust_code=trust_code)
     cases = []
-    for i, combo in enumerate(combinations(grid)):
+    for i, combo in enumerate(combinations(grid)[:limit]):
         case = PlanCase(i, {k: typed(k, v) for k, v in combo.items()},
                         [*overrides, *(f"{k}={v}" for k, v in combo.items())])
         cases.append(plan_case(config, case, trust_code=trust_code, use_cache=use_cache))
+    check_base(error, cases)
     bar = SweepProgress(len(cases), 0, progress)
     for c in cases:
         if c.run is None:

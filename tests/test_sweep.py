@@ -243,3 +243,69 @@ def test_readme_duckdb_query(sweep):
         assert g[2] == pytest.approx(r["tokens_per_s_per_gpu"])
         assert g[3] == pytest.approx(r["peak_bytes_max"] / 2**30)
         assert g[4] == r["world_size"]
+
+
+# ------------------------------------------------------------------------------------------
+# Failures, with the simulation replaced (no Ray)
+
+
+def test_base_config_must_load_unless_the_grid_sets_the_key(tmp_path):
+    from simdist.sweep import run_sweep
+
+    with pytest.raises(ConfigError) as e:  # wrong whatever the grid sets: nothing planned
+        run_sweep(str(QUICKSTART), ["parallel.tp=1,2"], ["parallel.tpp=2"], tmp_path / "o",
+                  progress=False)
+    assert e.value.key == "parallel.tpp" and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError) as e:
+        run_sweep(str(tmp_path / "nope.yaml"), ["parallel.tp=1,2"], [], tmp_path / "o",
+                  progress=False)
+    assert e.value.key == "config" and "not found" in e.value.message
+
+
+def test_a_base_only_the_grid_makes_valid_is_swept(tmp_path):
+    from simdist.sweep import run_sweep
+
+    # tp=3 alone does not divide the 8 GPUs; the grid's tp values replace it (both skipped
+    # here as well, for their own reasons, so nothing is simulated)
+    res = run_sweep(str(QUICKSTART), ["parallel.tp=5,6"], ["parallel.tp=3"], tmp_path / "o",
+                    progress=False)
+    assert [r["status"] for r in res.rows] == ["skipped", "skipped"]
+    assert "5" in res.rows[0]["skip_reason"] and "6" in res.rows[1]["skip_reason"]
+
+
+@pytest.fixture
+def fake_simulation(monkeypatch):
+    """simulate_async replaced: tp=1 fails (internal), tp=2 raises a ConfigError (as from an
+    actor), anything else a KeyboardInterrupt when asked to."""
+    import contextlib
+
+    import simdist.coordinator as coordinator
+
+    async def fake(run, **kw):  # noqa: ANN001, ANN003, ANN202
+        tp = run.cfg.parallel.tp
+        if tp == 1:
+            raise RuntimeError("boom")
+        if tp == 2:
+            raise ConfigError("parallel.tp", "not today")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator, "simulate_async", fake)
+    monkeypatch.setattr(coordinator, "ray_session", lambda *a, **k: contextlib.nullcontext())
+
+
+def test_a_failing_plan_is_a_row_and_the_sweep_goes_on(fake_simulation, tmp_path):
+    from simdist.sweep import run_sweep
+
+    res = run_sweep(str(QUICKSTART), ["parallel.tp=1,2"], [], tmp_path / "out", progress=False)
+    rows = {r["parallel.tp"]: r for r in pq.read_table(res.out / "sweep.parquet").to_pylist()}
+    assert rows[1]["status"] == "failed" and rows[1]["skip_reason"] == "internal error: RuntimeError: boom"
+    assert rows[2]["status"] == "skipped" and rows[2]["skip_reason"] == "parallel.tp: not today"
+
+
+def test_an_interrupted_sweep_leaves_nothing(fake_simulation, tmp_path):
+    from simdist.sweep import run_sweep
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(str(QUICKSTART), ["parallel.tp=4"], [], out, progress=False)
+    assert list(tmp_path.iterdir()) == []
