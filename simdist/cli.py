@@ -1,4 +1,4 @@
-"""`simdist run | cache` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
+"""`simdist run | sweep | search | compare | cache | calibrate` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
 130 / 143 stopped by SIGINT / SIGTERM (nothing written)."""
 
 from __future__ import annotations
@@ -61,12 +61,52 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trust-code", action="store_true",
                      help="allow model.entrypoint: it imports and runs the code the config names")
     run.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    sweep = sub.add_parser("sweep", help="simulate every combination of a grid of config values, "
+                                         "ranked (DIR/sweep.parquet)")
+    sweep.add_argument("config", help="YAML config (see configs/)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="values of one config key, parsed like --set (repeatable: every "
+                            "combination is a plan)")
+    search = sub.add_parser("search", help="the plan space for the model on the cluster: "
+                                           "enumerated, pruned, simulated best-first, ranked")
+    search.add_argument("config", help="YAML config (see configs/)")
+    search.add_argument("--gpus", type=int, nargs="+", action="extend", metavar="N",
+                        help="GPU counts to search (default: the config's nodes x gpus_per_node)")
+    search.add_argument("--objective", choices=["tokens_per_s", "cost", "peak"],
+                        default="tokens_per_s", help="what 'best' means (default tokens_per_s)")
+    search.add_argument("--top", type=int, default=5, metavar="K",
+                        help="plans in search.json's best list (default 5)")
+    search.add_argument("--max-plans", type=int, default=16, metavar="M",
+                        help="simulate at most this many plans, best prior first (default 16)")
+    for sp in (sweep, search):
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key for every plan "
+                                                  "(repeatable)")
+        sp.add_argument("--out", help="output directory (default sweeps/<config stem>/ or "
+                                      "searches/<config stem>/); replaces only a previous simdist "
+                                      "output directory")
+        sp.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS or a "
+                                          "local Ray)")
+        sp.add_argument("--workers", metavar="N", help="rank actors per plan: auto or an integer "
+                                                       ">= 1 (default: simulation.workers)")
+        sp.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="plans simulated at once (default 1); each starts its own actors")
+        sp.add_argument("--no-cache", action="store_true",
+                        help="do not read or write the shared cache")
+        sp.add_argument("--trust-code", action="store_true",
+                        help="allow model.entrypoint: it imports and runs the code the config names")
+        sp.add_argument("--quiet", action="store_true", help="no progress, no table")
+    compare = sub.add_parser("compare", help="plans side by side from their run directories")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                         help="two or more run directories (plan.json, ranks.parquet, "
+                              "collectives.parquet)")
+    compare.add_argument("--html", metavar="PATH", help="also write a self-contained HTML file")
     cache = sub.add_parser("cache", help="the shared cache (dispatch cache and layer store): "
                                          "info | clear | path")
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
-    for sp in (run, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
+    for sp in (run, sweep, search, compare, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
         sp.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     cal = sub.add_parser("calibrate", help="measure this machine's GPU(s): write a calibration table")
     cal.add_argument("--out", help="the table (default calibration-<gpu>.parquet; sidecar <stem>.json)")
@@ -108,6 +148,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan_options(args: argparse.Namespace) -> tuple:
+    """Checks shared by sweep and search, before anything is planned or simulated."""
+    from simdist.config import ConfigError, check_workers
+
+    workers = check_workers(args.workers, "--workers") if args.workers is not None else None
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency", f"got {args.concurrency}; expected an integer >= 1")
+    return workers
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simdist.rundir import check_out
+    from simdist.sweep import parse_grid
+
+    workers = _plan_options(args)
+    parse_grid(args.grid)  # a malformed grid fails before anything is loaded
+    out = check_out(args.out if args.out else Path("sweeps") / Path(args.config).stem)
+    from simdist.sweep import print_ranked, run_sweep
+
+    res = run_sweep(args.config, args.grid, args.overrides, out, address=args.address,
+                    workers=workers, use_cache=not args.no_cache, trust_code=args.trust_code,
+                    concurrency=args.concurrency, progress=not args.quiet)
+    if not args.quiet:
+        print_ranked(res.rows, res.keys, title=f"simdist sweep: {len(res.rows)} plans, "
+                                                "best tokens/s first")
+        print(f"wrote {res.out}")
+    return EXIT_INTERNAL if any(r["status"] == "failed" for r in res.rows) else EXIT_OK
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from simdist.config import ConfigError
+    from simdist.rundir import check_out
+
+    workers = _plan_options(args)
+    for name, value, lo in (("--top", args.top, 1), ("--max-plans", args.max_plans, 0)):
+        if value < lo:
+            raise ConfigError(name, f"got {value}; expected an integer >= {lo}")
+    if args.gpus and min(args.gpus) < 1:
+        raise ConfigError("--gpus", f"got {min(args.gpus)}; expected integers >= 1")
+    out = check_out(args.out if args.out else Path("searches") / Path(args.config).stem)
+    from simdist.search import print_search, run_search
+
+    res = run_search(args.config, args.overrides, out, gpus=args.gpus, objective=args.objective,
+                     top=args.top, max_plans=args.max_plans, address=args.address,
+                     workers=workers, use_cache=not args.no_cache, trust_code=args.trust_code,
+                     concurrency=args.concurrency, progress=not args.quiet)
+    if not args.quiet:
+        print_search(res)
+        print(f"wrote {res.out}")
+    return EXIT_INTERNAL if any(r["status"] == "failed" for r in res.rows) else EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simdist.compare import compare_command
+
+    return compare_command(args.runs, args.html)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
     """Warnings of simdist's cache as one plain line; every other warning as Python shows it."""
     if category.__name__ != "CacheWarning":
@@ -131,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "run":
                 return cmd_run(args)
+            if args.command == "sweep":
+                return cmd_sweep(args)
+            if args.command == "search":
+                return cmd_search(args)
+            if args.command == "compare":
+                return cmd_compare(args)
             if args.command == "cache":
                 from simdist.cache.commands import cache_command
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 import simdist
-from simdist.config import SimdistConfig, check_workers, trusting
 from simdist.calibrate import calibration_for
+from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
 from simdist.families import build_model, count_params, flops_per_token
 from simdist.memo import executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
