@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 
 # Tests never touch the user's cache: one fresh cache directory per test session (the CLI tests'
-# subprocesses inherit it).
-os.environ.setdefault("SIMDIST_CACHE_DIR", tempfile.mkdtemp(prefix="simdist-test-cache-"))
+# subprocesses inherit it). Always fresh, never inherited: a SIMDIST_CACHE_DIR from the user's
+# shell would let warm entries of earlier runs change what the tests measure.
+os.environ["SIMDIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="simdist-test-cache-")
 
 from simdist.config import ParallelConfig, TrainingConfig
 from simdist.families import ModelSpec, resolve_model

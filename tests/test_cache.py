@@ -396,7 +396,7 @@ def test_cache_command(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_second_run_is_warm(tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency (pyproject): missing, the test must fail, not skip
     from simdist.config import load_config
     from simdist.coordinator import simulate
 

@@ -19,7 +19,10 @@ def local_ray():  # noqa: ANN201
 
 
 def _rows(plan) -> list[dict]:  # noqa: ANN001
-    return plan.ranks.drop(["class_id"]).to_pylist()
+    """Rank rows without the class number; float columns (times, from sums whose order follows
+    the process that priced them) rounded to 9 significant digits, integers exact."""
+    return [{k: float(f"{v:.9g}") if isinstance(v, float) else v for k, v in row.items()}
+            for row in plan.ranks.drop(["class_id"]).to_pylist()]
 
 
 def _partition(plan) -> set[frozenset]:  # noqa: ANN001
