@@ -63,8 +63,9 @@ def test_class_runs_equal_exhaustive_runs(local_ray, case):
     assert every.ranks.drop(["class_id"]).to_pylist() == _rows(by_class)
     # the exhaustive run's distinct rows induce exactly the class partition
     distinct: dict[tuple, set] = {}
-    for row in _rows(every):
-        key = tuple(v for k, v in row.items() if k not in ("rank", "node", "local_rank", "pp",
+    for row in every.ranks.to_pylist():
+        # integers and flags only: equal float times of two ranks may differ in the last bits
+        key = tuple(v for k, v in row.items() if not isinstance(v, float) and k not in ("class_id","rank", "node", "local_rank", "pp",
                                                           "dp_replicate", "dp_shard", "cp",
                                                           "tp", "ep"))
         distinct.setdefault(key, set()).add(row["rank"])
@@ -72,12 +73,12 @@ def test_class_runs_equal_exhaustive_runs(local_ray, case):
     assert len(distinct) >= 2
     if case.startswith("3d"):
         # the 4-layer stage holds more than the 2-layer one
-        peaks = {r["pp"]: r["peak_bytes"] for r in _rows(every)}
+        peaks = {r["pp"]: r["peak_bytes"] for r in every.ranks.to_pylist()}
         assert peaks[1] > peaks[0]
     elif case.startswith("cp"):
         # ring attention: cp ranks do different work; the last FSDP shard of the vocab is short
-        assert len({r["hbm_bytes"] for r in _rows(every)}) >= 4
+        assert len({r["hbm_bytes"] for r in every.ranks.to_pylist()}) >= 4
     else:
         # zipf: the EP rank holding expert 0 computes most
-        flops = {r["ep"]: r["flops"] for r in _rows(every)}
+        flops = {r["ep"]: r["flops"] for r in every.ranks.to_pylist()}
         assert flops[0] > flops[1] > flops[3]
