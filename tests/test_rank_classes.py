@@ -65,9 +65,9 @@ def test_class_runs_equal_exhaustive_runs(local_ray, case):
     distinct: dict[tuple, set] = {}
     for row in every.ranks.to_pylist():
         # integers and flags only: equal float times of two ranks may differ in the last bits
-        key = tuple(v for k, v in row.items() if not isinstance(v, float) and k not in ("class_id","rank", "node", "local_rank", "pp",
-                                                          "dp_replicate", "dp_shard", "cp",
-                                                          "tp", "ep"))
+        key = tuple(v for k, v in row.items() if not isinstance(v, float) and k not in (
+            "class_id", "rank", "node", "local_rank", "pp", "dp_replicate", "dp_shard", "cp", "tp",
+            "ep"))
         distinct.setdefault(key, set()).add(row["rank"])
     assert {frozenset(g) for g in distinct.values()} == _partition(by_class)
     assert len(distinct) >= 2
