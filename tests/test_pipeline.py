@@ -140,9 +140,9 @@ def test_every_stage_holds_the_replayed_schedules_activations(model, schedule):
 
 
 def test_interleaved_peak_is_narayanans_factor():
-    # Narayanan et al.: the first rank of interleaved 1F1B holds p (1 + (p-1)/(p v)) stage
-    # micro-batches = 5.5 for p=4, v=2 (in stage-layers: x 2 layers per rank-stage... here 1
-    # layer per stage, 2 stages per rank: 11 layer-micro-batches at the peak).
+    # Narayanan et al.: the first rank of interleaved 1F1B holds the activations of
+    # p (1 + (p-1)/(p v)) = 5.5 micro-batches of a whole rank's layers (p=4, v=2). A rank's
+    # layers are v = 2 stages here, so at the peak 11 stage forwards are in flight.
     inflight = peak = 0
     for kind, _, _ in _order("interleaved_1f1b", 0):
         inflight += 1 if kind == "F" else -1
