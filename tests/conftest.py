@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 
 # Tests never touch the user's cache: one fresh cache directory per test session (the CLI tests'
-# subprocesses inherit it).
-os.environ.setdefault("SIMDIST_CACHE_DIR", tempfile.mkdtemp(prefix="simdist-test-cache-"))
+# subprocesses inherit it). Always fresh, never inherited: a SIMDIST_CACHE_DIR from the user's
+# shell would let warm entries of earlier runs change what the tests measure.
+os.environ["SIMDIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="simdist-test-cache-")
 
 from simdist.config import ParallelConfig, TrainingConfig
 from simdist.families import ModelSpec, resolve_model
@@ -19,8 +20,11 @@ from simdist.trace import RankTask, RankTrace
 _TASK_FIELDS = ("all_microbatches", "layer_memo", "layer_cache_dir")
 
 
-def spec(preset: str, seq_len: int = 256, attention: str = "flash", **overrides) -> ModelSpec:
-    return resolve_model(preset, overrides, seq_len=seq_len, attention=attention)
+def spec(preset: str, seq_len: int = 256, attention: str = "flash", routing: str = "balanced",
+         **overrides) -> ModelSpec:
+    """A model spec as the planner resolves it (`routing` is training.routing: MoE token counts
+    live in the model spec, see planner.model_spec)."""
+    return resolve_model(preset, overrides, seq_len=seq_len, attention=attention, routing=routing)
 
 
 def make_task(model: ModelSpec, *, rank: int = 0, num_microbatches: int = 1, **kw) -> RankTask:
@@ -28,6 +32,12 @@ def make_task(model: ModelSpec, *, rank: int = 0, num_microbatches: int = 1, **k
     parallel.*) or to the task itself."""
     task_kw = {k: kw.pop(k) for k in _TASK_FIELDS if k in kw}
     training = {k: kw.pop(k) for k in list(kw) if k in TrainingConfig.model_fields}
+    # The rank path reads the routing from the model spec (as the planner resolves it): a
+    # training.routing the spec does not carry would be silently ignored.
+    model_routing = getattr(model.args, "routing", "balanced")
+    if training.setdefault("routing", model_routing) != model_routing:
+        raise ValueError(f"routing={training['routing']!r}: pass it to spec(), the model has "
+                         f"{model_routing!r}")
     par = ParallelConfig(**{"dp_shard": 1, **kw})  # the rest: parallel.* (unknown keys raise)
     layout = MeshLayout.from_parallel(par.pp, par.dp_replicate, par.dp_shard, par.cp, par.tp,
                                       par.ep)

@@ -24,21 +24,40 @@ def test_gpt_parameter_count_matches_megatron_formula():
     assert count_params(build_model(spec("gpt-7.5b", seq_len=s))) == round(expected) + 2 * h
 
 
-def test_fsdp_model_states_are_16N_over_8(llama8b):
+def adamw_step_counter_bytes(model) -> int:  # noqa: ANN001
+    """torch.optim.AdamW (torch 2.13, adam.py `_init_group`): with capturable and fused off,
+    every parameter with state gets `state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())`:
+    one fp32 scalar (4 bytes) per parameter *tensor*, whatever its size or sharding."""
+    return 4 * sum(1 for _ in build_model(model, "meta").parameters())
+
+
+def test_fsdp_model_states_are_exactly_16N_over_8_plus_step_counters(llama8b):
     tr = run_rank(llama8b, dp_shard=8)
-    states = tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes
-    assert abs(states - 16 * N_8B / 8) / (16 * N_8B / 8) < 0.01
-    # fp32 sharded params and grads, two fp32 Adam moments
+    # FSDP2 (MixedPrecisionPolicy bf16 compute, fp32 reduce): fp32 sharded parameters 4N/8,
+    # fp32 sharded gradients 4N/8, AdamW exp_avg + exp_avg_sq 8N/8 (N = 8,030,261,248 divides
+    # by 8, so no padding), and 291 step counters (32 x 9 block tensors + embedding, norm, head).
+    assert adamw_step_counter_bytes(llama8b) == 4 * 291
     assert tr.param_bytes == tr.grad_bytes == 4 * N_8B // 8
-    assert tr.peak_bytes >= states + tr.activation_bytes
+    assert tr.optimizer_bytes == 8 * N_8B // 8 + 4 * 291
+    assert tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes == 16 * N_8B // 8 + 4 * 291
+    assert tr.peak_bytes >= tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes
 
 
-def test_ddp_model_states_are_16N_and_bf16_copies_are_other(llama8b):
+def test_ddp_model_states_are_exactly_16N_and_other_is_adamw_sqrt_temporary(llama8b):
     tr = run_rank(llama8b, dp_replicate=8)
     states = tr.param_bytes + tr.grad_bytes + tr.optimizer_bytes
-    assert abs(states - 16 * N_8B) / (16 * N_8B) < 0.01
-    # the bf16 compute copies of the parameters live in "other" at the peak
-    assert tr.other_bytes >= 0.5 * 2 * N_8B
+    assert states == 16 * N_8B + adamw_step_counter_bytes(llama8b)
+    # The peak is in the optimizer step: foreach AdamW (torch's _multi_tensor_adam) builds
+    # `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`, one fp32 temporary of every
+    # parameter (4N), while parameters, gradients and state are all live; nothing is saved for
+    # backward at that point and llama3 has no buffers (RoPE tables are made per forward). So
+    # other_bytes, "the rest at the peak", is exactly that temporary.
+    # (Before the fix in mode/streams.py it was 4N - activation_bytes = 30,507,739,388: the
+    # peak of saved activations, reached in an earlier forward, was subtracted from a peak
+    # that holds none.)
+    assert tr.peak_phase == "optim"
+    assert tr.other_bytes == 4 * N_8B
+    assert tr.peak_bytes == states + 4 * N_8B
 
 
 def _per_layer_saved(preset: str, attention: str, ac: str = "none", **kw) -> int:
@@ -90,11 +109,61 @@ def test_model_flops_match_torchtitan_formula(llama8b):
     a = llama8b.args
     n_embedding = a.vocab_size * a.dim
     tokens = seq * mb * n_mb
-    # torchtitan: 6 (N - N_embedding) + 12 L H Q T per token (H heads x Q head dim = dim)
+    # torchtitan: 6 (N - N_embedding) + 12 L H Q T per token (H heads x Q head dim = dim).
+    # simdist's model_flops = 3 x forward FLOPs, and torch's flop formulas count exactly
+    # 2mnk per matmul (the embedding lookup is no matmul: 2 (N - N_emb) per token forward) and
+    # 4 b s^2 dim per flash attention forward (q k^T and p v, causal masking not discounted):
+    # 3 x (2 (N - N_emb - N_norm) + 4 L s dim): the formula, less the RMSNorm weights, which
+    # it counts as if they were matmul weights (2 per block + the final norm, dim each).
+    n_norm = (2 * a.n_layers + 1) * a.dim
     expected = (6 * (N_8B - n_embedding) + 12 * a.n_layers * a.dim * seq) * tokens
-    assert abs(tr.model_flops - expected) / expected < 0.01
-    # executed FLOPs: backward matmuls are 2x forward, flash backward 2.5x forward (torch's formula)
-    assert tr.flops > tr.model_flops
+    assert tr.model_flops == expected - 6 * n_norm * tokens
+    assert abs(tr.model_flops - expected) / expected < 1e-4  # the formula's own error
+
+
+def _llama_block_fwd_flops(a, b: int, s: int) -> tuple[int, int]:  # noqa: ANN001
+    """(matmul, flash attention) forward FLOPs of one llama3 block on b x s tokens:
+    wq, wo [dim, dim], wk, wv [dim, kv*hd], w1, w3, w2 [dim, ffn]: 2 m n k each; flash
+    attention (torch.utils.flop_counter.sdpa_flop_count): 2 bmm of 2 b heads s s hd."""
+    mm = 2 * b * s * (2 * a.dim * a.dim + 2 * a.dim * a.n_kv_heads * a.head_dim
+                      + 3 * a.dim * a.ffn_dim)
+    return mm, 4 * b * s * s * a.dim
+
+
+def test_executed_minus_model_flops_is_the_flash_backward_excess():
+    # torch.utils.flop_counter: sdpa_flop_count (forward) = 2 matmuls of 2 b h s s d;
+    # sdpa_backward_flop_count = 5 of them (recompute q k^T, grad v, grad p, grad q, grad k):
+    # 2.5 x forward. Matmul backward is exactly 2 x forward (grad input + grad weight: every
+    # matmul input here requires grad). model_flops = 3 x forward, so
+    #   flops - model_flops = (1 + 2.5 - 3) x flash forward = 0.5 x 4 b s^2 h L n_mb
+    #                       = 2 b s^2 h L n_mb.
+    b, s, L, n_mb = 2, 256, 2, 3
+    model = spec("llama3-debug", n_layers=L, seq_len=s)
+    tr = run_rank(model, seq_len=s, micro_batch=b, num_microbatches=n_mb)
+    h = model.args.dim
+    assert tr.flops - tr.model_flops == 2 * b * s * s * h * L * n_mb
+    mm, flash = _llama_block_fwd_flops(model.args, b, s)
+    head = 2 * b * s * h * model.args.vocab_size
+    assert tr.model_flops == 3 * n_mb * (L * (mm + flash) + head)
+
+
+def test_full_recompute_adds_one_forward_of_each_block_up_to_its_last_saved_tensor():
+    # Full AC wraps every TransformerBlock in torch.utils.checkpoint (non-reentrant). Backward
+    # recomputes the block's forward, but with checkpoint's early stop (on by default) the
+    # recompute ends as soon as every tensor backward needs is rebuilt: the block's last op
+    # that saves something is w2's matmul input (silu(w1 x) * w3 x), so w2 itself (and the
+    # residual add, which saves nothing) is not re-run. Executed FLOPs therefore grow by one
+    # block forward minus w2 (2 b s dim ffn) per layer and micro-batch, model FLOPs not at all.
+    b, s, L, n_mb = 2, 256, 2, 3
+    model = spec("llama3-debug", n_layers=L, seq_len=s)
+    a = model.args
+    base = run_rank(model, seq_len=s, micro_batch=b, num_microbatches=n_mb)
+    full = run_rank(model, seq_len=s, micro_batch=b, num_microbatches=n_mb,
+                    activation_checkpointing="full")
+    mm, flash = _llama_block_fwd_flops(a, b, s)
+    w2 = 2 * b * s * a.dim * a.ffn_dim
+    assert full.model_flops == base.model_flops
+    assert full.flops == base.flops + L * n_mb * (mm - w2 + flash)
 
 
 def test_fsdp_collectives_have_exact_bytes_per_unit():

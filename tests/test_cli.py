@@ -88,10 +88,15 @@ BAD_INPUT = {
 }
 
 
-def _run_bad(case: str, root: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+# The subprocess is the point for these (exit status, stderr of the real console script, no
+# default run directory); the other cases are the config validation of test_config.py seen
+# through the CLI, checked in-process with the same assertions.
+SUBPROCESS_CASES = ("unknown-preset", "missing-file", "yaml-syntax", "set-without-equals",
+                    "degree-product", "workers-not-a-number")
+
+
+def _bad_args(case: str, cwd: Path) -> list[str]:
     text, extra, _ = BAD_INPUT[case]
-    cwd = root / case
-    cwd.mkdir()
     if text is None:
         config = QUICKSTART
     elif text == "missing":
@@ -99,27 +104,34 @@ def _run_bad(case: str, root: Path) -> tuple[subprocess.CompletedProcess, Path, 
     else:
         config = cwd / "config.yaml"
         config.write_text(text)
-    out = cwd / "nested" / "run"
     if case == "missing-file":  # also: no default run directory (runs/<stem>/) appears
-        return run_cli(["run", str(config), *extra], cwd=cwd), cwd, cwd / "runs"
-    return run_cli(["run", str(config), "--out", str(out), *extra], cwd=cwd), cwd, out
+        return ["run", str(config), *extra]
+    return ["run", str(config), "--out", str(cwd / "nested" / "run"), *extra]
+
+
+def _out(case: str, cwd: Path) -> Path:
+    return cwd / "runs" if case == "missing-file" else cwd / "nested" / "run"
+
+
+def _run_bad(case: str, root: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    cwd = root / case
+    cwd.mkdir()
+    return run_cli(_bad_args(case, cwd), cwd=cwd), cwd, _out(case, cwd)
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        futures = {case: pool.submit(_run_bad, case, root) for case in BAD_INPUT}
+        futures = {case: pool.submit(_run_bad, case, root) for case in SUBPROCESS_CASES}
         return {case: f.result() for case, f in futures.items()}
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input(bad_runs, case):
-    proc, cwd, out = bad_runs[case]
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
+def _check_bad(case: str, rc: int, out_text: str, err_text: str, cwd: Path, out: Path) -> None:
+    err = err_text.strip()
+    assert rc == 2, (rc, out_text, err_text)
+    assert "Traceback" not in err_text
+    assert out_text == ""
     assert err and "\n\n" not in err and len(err) < 700, err  # one short paragraph
     for word in BAD_INPUT[case][2]:
         assert word in err, f"{word!r} not in {err!r}"
@@ -127,6 +139,25 @@ def test_bad_input(bad_runs, case):
     # Nothing else either: not the run directory's parent (`nested/`), no temp directories.
     assert sorted(p.name for p in cwd.iterdir()) in ([], ["config.yaml"]), list(cwd.iterdir())
     assert not (REPO / "runs" / cwd.name).exists()
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_input(bad_runs, case):
+    proc, cwd, out = bad_runs[case]
+    _check_bad(case, proc.returncode, proc.stdout, proc.stderr, cwd, out)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUT if c not in SUBPROCESS_CASES])
+def test_bad_input_in_process(case, tmp_path, capsys, monkeypatch):
+    from simdist.cli import main
+
+    monkeypatch.delenv("SIMDIST_DEBUG", raising=False)
+    cwd = tmp_path / case
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc = main(_bad_args(case, cwd))
+    captured = capsys.readouterr()
+    _check_bad(case, rc, captured.out, captured.err, cwd, _out(case, cwd))
 
 
 # ------------------------------------------------------------------------------------------

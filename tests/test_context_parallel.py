@@ -30,3 +30,44 @@ def test_cp_shards_sequence_parameters_and_exchanges_kv():
     assert sum(n for (ph, kind, _), n in c.items() if ph == "bwd" and kind == "all_to_all") > 0
     # activations shrink with the sequence shard
     assert tr.activation_bytes < base.activation_bytes / 2
+
+
+def _fsdp_bytes(a, n_layers: int) -> int:  # noqa: ANN001
+    """FSDP2 bytes per micro-batch of a llama3 (see test_accounting's exact-bytes test): bf16
+    all-gathers of every unit forward and of all but the last block and the root backward,
+    fp32 reduce-scatters of every unit (bytes = the unsharded unit)."""
+    layer = (2 * a.dim * a.dim + 2 * a.dim * a.n_kv_heads * a.head_dim + 3 * a.dim * a.ffn_dim
+             + 2 * a.dim)
+    root = 2 * a.vocab_size * a.dim + a.dim
+    return 2 * (root + n_layers * layer + (n_layers - 1) * layer) + 4 * (root + n_layers * layer)
+
+
+def test_cp_collective_bytes_and_attention_flops_are_exact():
+    model = spec("llama3-debug", n_layers=L, seq_len=S)
+    a = model.args
+    b, heads, hd = 1, a.n_heads, a.head_dim
+    local = S // CP  # tokens per rank (two head-tail chunks of S / 2CP)
+    for rank in (0, CP - 1):
+        tr = run_rank(model, dp_shard=2, cp=CP, seq_len=S, rank=rank)
+        c = collective_counts(tr, "cp")
+        # torch's _templated_ring_attention (rotate_method allgather): forward all-gathers
+        # cat(K, V) once per layer (bytes: the gathered bf16 output, whole sequence);
+        # backward gathers K/V again, and its dK/dV rotater is always _AllToAllRotater
+        # (permute_tensor = one all-to-all per ring step, cp steps) of cat(dK, dV) of the local
+        # K/V in the fp32 accumulation dtype (_cp_options.convert_to_f32).
+        kv_gathered = 2 * b * heads * S * hd * 2
+        dkv_local = 2 * b * heads * local * hd * 4
+        assert dict(c) == {("fwd", "all_gather", kv_gathered): L,
+                           ("bwd", "all_gather", kv_gathered): L,
+                           ("bwd", "all_to_all", dkv_local): CP * L}
+        # the rest is FSDP2 over dp_shard x cp (8 ranks), unchanged by the sequence split
+        assert tr.comm_bytes == _fsdp_bytes(a, L) + sum(k[2] * n for k, n in c.items())
+        # Attention FLOPs (torch's sdpa formula: 4 b heads q_len kv_len hd forward, 2.5x
+        # backward; causal masking not discounted). Load balancing gives every rank the same
+        # work: ring step 0 is local (q and kv of `local` tokens, is_causal); each of the cp-1
+        # other steps runs either all local queries on half the received kv (i <= rank) or
+        # half the queries on all of it (i > rank): local x local / 2.
+        step0 = 4 * b * heads * local * local * hd
+        fwd = L * (step0 + (CP - 1) * step0 // 2)
+        assert _per_op(tr, "fwd", lambda op: "flash_attention" in op) == fwd
+        assert _per_op(tr, "bwd", lambda op: "flash_attention" in op) == fwd * 5 // 2

@@ -72,6 +72,35 @@ def test_context_parallel_and_zero1_equal_full_execution() -> None:
     assert_same(model, dp_shard=4, zero_stage=1)
 
 
+# One small case of each memo kind in the default suite (the larger ones above are -m slow).
+# The memo needs at least BASE_LAYERS + 3 = 5 blocks per stage.
+
+def test_small_interleaved_pipeline_equals_full_execution() -> None:
+    # pp 2 x 2 virtual stages of 5 blocks: rank 1 holds stages 1 and 3 (the last)
+    assert_same(spec("llama3-debug", n_layers=20, seq_len=64), pp=2, num_microbatches=2,
+                rank=1, pp_schedule="interleaved_1f1b", seq_len=64)
+
+
+def test_small_context_parallel_equals_full_execution() -> None:
+    assert_same(spec("llama3-debug", n_layers=5), cp=2, seq_len=256, rank=1)
+
+
+def test_small_zero1_equals_full_execution() -> None:
+    assert_same(spec("llama3-debug", n_layers=5), dp_shard=2, zero_stage=1)
+
+
+def test_small_memo_fallback_still_answers_exactly() -> None:
+    # (see test_memo_reports_fallback_and_still_answers_exactly)
+    model = spec("llama3-debug", n_layers=20, seq_len=64)
+    kw = dict(pp=2, num_microbatches=2, pp_schedule="zero_bubble", seq_len=64)
+    tr = run_rank(model, **kw)
+    assert tr.layer_memo == "fallback"
+    full = run_rank(model, layer_memo=False, **kw)
+    for f in FIELDS:
+        assert getattr(tr, f) == getattr(full, f), f
+    assert tr.ops.equals(full.ops) and tr.memory.equals(full.memory)
+
+
 def _task(model, pp: int = 1, **kw) -> RankTask:  # noqa: ANN001
     return make_task(model, pp=pp, seq_len=256, num_microbatches=pp, **kw)
 

@@ -189,3 +189,83 @@ def test_ep_zipf_hot_rank_has_more_tokens_flops_and_memory():
     assert first["flops"] > last["flops"]
     assert first["peak_bytes"] > last["peak_bytes"]
     assert first["activation_bytes"] > last["activation_bytes"]
+
+
+# --- routing, computed independently -----------------------------------------------------
+
+def zipf_by_hand(alpha: float, n_tokens: int, n_experts: int, top_k: int) -> list[int]:
+    """The zipf routing as models/routing.py documents it, written out here: expert i's share
+    of the n*k copies is proportional to 1/(i+1)^alpha; an expert whose share exceeds n (top-k
+    picks distinct experts) is capped at n and the rest re-shared over the others in
+    proportion; integers by largest remainder (ties to the lower index)."""
+    total = n_tokens * top_k
+    weight = {i: (i + 1) ** -alpha for i in range(n_experts)}
+    capped: dict[int, int] = {}
+    while True:
+        rest = total - n_tokens * len(capped)
+        free = [i for i in weight if i not in capped]
+        share = {i: rest * weight[i] / sum(weight[j] for j in free) for i in free}
+        over = [i for i in free if share[i] > n_tokens]
+        if not over:
+            break
+        capped.update({i: n_tokens for i in over})
+    counts = {**capped, **{i: int(share[i]) for i in free}}
+    for i in sorted(free, key=lambda i: (int(share[i]) - share[i], i))[:total - sum(counts.values())]:
+        counts[i] += 1
+    return [counts[i] for i in range(n_experts)]
+
+
+@pytest.mark.parametrize("n,e,k,alpha", [(256, 8, 2, 1.2), (4096, 64, 6, 1.2), (100, 8, 2, 3.0),
+                                         (1000, 16, 4, 0.5)])
+def test_zipf_routing_equals_an_independent_computation(n, e, k, alpha):
+    assert expert_token_counts(f"zipf:{alpha}", n, e, k, 0) == zipf_by_hand(alpha, n, e, k)
+
+
+# --- expert parallelism through the real rank path ---------------------------------------
+
+def test_ep_rank_path_token_counts_shards_reductions_and_hot_cold_ranks():
+    # moe-debug, 2 layers (layer 0 dense, layer 1 MoE: 8 experts, top-2, moe_ffn 256, one
+    # shared expert), dp_shard 8 = dp_shard_mod_ep 2 x ep 4 (ep innermost: rank r is EP rank
+    # r % 4), zipf:1.2, micro-batch 1 x seq 256.
+    s, k, dim, ffn, E, ep, shard = 256, 2, 256, 256, 8, 4, 8
+    model = spec("moe-debug", seq_len=s, n_layers=2, routing="zipf:1.2")
+    a = model.args
+    counts = zipf_by_hand(1.2, s, E, k)  # every rank routes its s tokens alike
+    # by hand: 1/(i+1)^1.2 = 1, .4353, .2676, .1895, .1450, .1165, .0968, .0825 (sum 2.3331);
+    # x 512 / 2.3331 = 219.45, 95.53, 58.72, 41.58, 31.81, 25.57, 21.25, 18.10 (none over the
+    # cap 256); floors sum to 508, the 4 largest remainders (.81 .72 .58 .57) get one more
+    assert counts == [219, 95, 59, 42, 32, 26, 21, 18] and sum(counts) == s * k
+    # EP rank 0 holds experts 0-1, rank 3 experts 6-7; each receives from all 4 ranks
+    recv = {0: ep * (counts[0] + counts[1]), 3: ep * (counts[6] + counts[7])}
+    assert recv == {0: 1256, 3: 156}
+    hot, cold = run_rank(model, rank=0, dp_shard=shard, ep=ep), run_rank(model, rank=3,
+                                                                        dp_shard=shard, ep=ep)
+    expert_params = (E // ep) * 3 * dim * ffn  # this EP rank's experts (w1, w2, w3)
+    non_expert = (2 * a.vocab_size * dim + dim                            # embedding, head, norm
+                  + 2 * (2 * dim * dim + 2 * dim * a.n_kv_heads * a.head_dim + 2 * dim)  # attn+norms
+                  + 3 * dim * a.ffn_dim                                   # dense feed-forward
+                  + dim * E + 3 * dim * a.n_shared_experts * ffn)         # router, shared expert
+    for tr, r in ((hot, 0), (cold, 3)):
+        # non-expert parameters FSDP-sharded over dp_shard (8), experts over dp_shard_mod_ep (2)
+        assert tr.param_bytes == 4 * (non_expert // shard + expert_params // (shard // ep))
+        # the experts' FSDP unit over dp_shard_mod_ep: bf16 all-gather (forward, and again in
+        # backward) and fp32 reduce-scatter of the unsharded local experts
+        mod = {(x["phase"], x["kind"], x["bytes"]): x["count"] for x in tr.collectives.to_pylist()
+               if x["mesh_dim"] == "dp_shard_mod_ep"}
+        assert mod == {("fwd", "all_gather", 2 * expert_params): 1,
+                       ("bwd", "all_gather", 2 * expert_params): 1,
+                       ("bwd", "reduce_scatter", 4 * expert_params): 1}
+        # all-to-alls: the counts exchange (E int64), dispatch and combine forward and their
+        # gradients backward; bytes = the larger of the sent (s k rows) and received buffers
+        a2a = sorted((x["phase"], x["bytes"], x["count"]) for x in tr.collectives.to_pylist()
+                     if x["mesh_dim"] == "ep")
+        rows = max(s * k, recv[r])
+        assert a2a == sorted([("fwd", 8 * E, 1), ("fwd", rows * dim * 2, 2),
+                              ("bwd", rows * dim * 2, 2)])
+        fwd_expert = sum(x["flops"] for x in tr.ops.to_pylist()
+                         if x["phase"] == "fwd" and x["module"].endswith(".moe.experts"))
+        assert fwd_expert == 3 * 2 * recv[r] * dim * ffn
+    # Activations differ only by the received rows' saved tensors: the grouped GEMMs' input
+    # (2 dim bytes per row, shared by w1 and w3), w1 out, silu out, w3 out, their product
+    # (4 x 2 ffn), and the int64 permutation that groups rows by local expert (8).
+    assert hot.activation_bytes - cold.activation_bytes == (recv[0] - recv[3]) * (2 * dim + 8 * ffn + 8)

@@ -8,35 +8,146 @@ from conftest import run_rank, spec
 from simdist.families import build_model, count_params
 from simdist.parallel.pipeline import split_layers
 
-B, S, PP, N_MB = 2, 256, 4, 8
-# llama3-debug: b=2, s=256, h=256, 16 heads (d=16), 4 kv heads, ffn 768 (see test_accounting)
-H, A, F, D = 256, 16, 768, 16
+B, S, PP, N_MB, LAYERS = 2, 256, 4, 8, 8
+# llama3-debug: b=2, s=256, h=256, 16 heads (d=16), 4 kv heads, ffn 768, vocab 2048
+H, A, F, D, V = 256, 16, 768, 16, 2048
+# Saved for backward, per block and micro-batch (derived term by term in test_accounting's
+# test_llama3_saved_activations_per_layer_match_the_code)
 PER_LAYER = 16 * B * S * H + 8 * B * S * F + 8 * B * S + 4 * B * A * S + 24
 ROPE = 2 * (S * D * 2)  # the bf16 cos and sin cast once per forward, kept by the RoPE muls
 RECV = 2 * B * S * H    # one received activation buffer per micro-batch
+# The last stage, per micro-batch: final norm input 2bsh + fp32 rstd 4bs, head input (norm
+# output) 2bsh, log_softmax's fp32 output 4bsV (cross-entropy in fp32), nll_loss's fp32
+# total_weight scalar 4.
+HEAD = 2 * B * S * H + 4 * B * S + 2 * B * S * H + 4 * B * S * V + 4
+# Token ids and targets: the schedule chunks one [b n, s] int64 tensor of each; a chunk is a
+# view, so the embedding (ids) and nll_loss (targets) keep the whole storage saved, once.
+BATCH_IDS = 8 * B * N_MB * S
+# Zero bubble: the input-gradient pass (I, stage_backward_input) frees nothing but nll_loss's
+# total_weight on the last stage; the weight pass (W) frees the rest except the part of the
+# graph W never walks, which stays alive (with torch 2.13, until the step ends; the first stage
+# has no input gradient and its W frees all): flash attention's q, k, v, out 4 x 2bsh, fp32
+# logsumexp 4bas, philox state 24 bytes and the RoPE tables; on the last stage also
+# log_softmax's output 4bsV and the SwiGLU's silu input, silu output and w3 output 3 x 2bsf.
+ZB_KEPT_MIDDLE = 4 * 2 * B * S * H + 4 * B * A * S + 24 + ROPE
+ZB_KEPT_LAST = ZB_KEPT_MIDDLE + 4 * B * S * V + 3 * 2 * B * S * F
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+
+
+def _stages(schedule: str) -> int:
+    return PP * (2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1)
 
 
 @pytest.fixture(scope="module")
 def model():  # noqa: ANN201
-    return spec("llama3-debug", n_layers=8, seq_len=S)
+    return spec("llama3-debug", n_layers=LAYERS, seq_len=S)
+
+
+_TRACES: dict = {}
+
+
+def _traces(model, schedule: str) -> list:  # noqa: ANN001
+    if schedule not in _TRACES:
+        _TRACES[schedule] = [run_rank(model, rank=r, pp=PP, num_microbatches=N_MB, micro_batch=B,
+                                      pp_schedule=schedule) for r in range(PP)]
+    return _TRACES[schedule]
 
 
 @pytest.fixture(scope="module")
 def one_f_one_b(model):  # noqa: ANN001, ANN201
-    return [run_rank(model, rank=r, pp=PP, num_microbatches=N_MB, micro_batch=B) for r in range(PP)]
+    return _traces(model, "1f1b")
 
 
-def test_1f1b_stage_i_holds_p_minus_i_microbatches(one_f_one_b):
-    act = [tr.activation_bytes for tr in one_f_one_b]
-    # A middle stage (2 layers) keeps per micro-batch in flight: its layers' saved tensors, less
-    # the first block's input (that is the received buffer, counted once per micro-batch below),
-    # plus the RoPE tables of that forward.
-    per_mb = 2 * PER_LAYER - 2 * B * S * H + ROPE
-    # torch.distributed.pipelining allocates one receive buffer per micro-batch for the step.
-    assert act[1] == (PP - 1) * per_mb + N_MB * RECV
-    assert act[2] == (PP - 2) * per_mb + N_MB * RECV
-    # the first stage holds p micro-batches: most of all
-    assert act[0] > act[1] > act[2]
+def _order(schedule: str, rank: int) -> list[tuple[str, int, int]]:
+    """(action, stage, micro-batch) of `rank`, in the schedule's own order."""
+    if schedule == "gpipe":  # ScheduleGPipe: every forward, then every backward
+        return [("F", rank, i) for i in range(N_MB)] + [("B", rank, i) for i in range(N_MB)]
+    if schedule == "1f1b":  # Schedule1F1B: p - i warm-up forwards, then 1B1F, then cool-down
+        warm = min(N_MB, PP - rank)
+        order = [("F", rank, i) for i in range(warm)]
+        for i in range(N_MB):
+            order.append(("B", rank, i))
+            if warm + i < N_MB:
+                order.append(("F", rank, warm + i))
+        return order
+    from torch.distributed.pipelining.schedules import (ScheduleInterleaved1F1B,
+                                                        ScheduleInterleavedZeroBubble)
+
+    class _Stage:  # the multi-stage orders depend only on stage count and group size
+        def __init__(self, i: int) -> None:
+            self.stage_index, self.group_size, self.group_rank = i, PP, rank
+            self.num_stages = _stages(schedule)
+            self.is_first, self.is_last = i == 0, i == self.num_stages - 1
+            self.has_backward = True
+            self.submod = None
+
+    cls = ScheduleInterleaved1F1B if schedule == "interleaved_1f1b" else ScheduleInterleavedZeroBubble
+    order = cls([_Stage(rank), _Stage(rank + PP)], N_MB).pipeline_order[rank]
+    return [(a.computation_type.value, a.stage_index, a.microbatch_index)
+            for a in order if a is not None]
+
+
+def _replayed_activation_peak(schedule: str, rank: int) -> int:
+    """Peak saved bytes over the rank's actions, every term named above."""
+    n = _stages(schedule)
+    layers = LAYERS // n
+    per_mb = {s: layers * PER_LAYER + ROPE - (2 * B * S * H if s > 0 else 0)
+              + (HEAD if s == n - 1 else 0) for s in range(n)}
+    kept = {s: 0 if s == 0 else ZB_KEPT_LAST if s == n - 1 else ZB_KEPT_MIDDLE for s in range(n)}
+    saved = peak = 0
+    started: set[int] = set()
+    for kind, s, _ in _order(schedule, rank):
+        if kind == "F":
+            if s not in started and s in (0, n - 1):
+                saved += BATCH_IDS  # ids on the first stage, targets on the last
+            started.add(s)
+            saved += per_mb[s] + (RECV if s > 0 else 0)  # the receive buffer stays for the step
+            peak = max(peak, saved)  # only forwards add: the peak is at the end of one
+        elif kind == "B":
+            saved -= per_mb[s]
+        elif kind == "I":
+            saved -= 4 if s == n - 1 else 0
+        elif kind == "W":
+            saved -= per_mb[s] - kept[s] - (4 if s == n - 1 else 0)
+    return peak
+
+
+def test_single_stage_execution_gives_the_named_per_microbatch_terms():
+    # Second path for the terms the replay uses: one stage holding everything (pp=1), one
+    # micro-batch: ids and targets [b, s] int64, one block, RoPE tables and the head terms.
+    one = run_rank(spec("llama3-debug", n_layers=1, seq_len=S), micro_batch=B)
+    two = run_rank(spec("llama3-debug", n_layers=2, seq_len=S), micro_batch=B)
+    assert two.activation_bytes - one.activation_bytes == PER_LAYER
+    assert one.activation_bytes == 2 * 8 * B * S + PER_LAYER + ROPE + HEAD
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_every_stage_holds_the_replayed_schedules_activations(model, schedule):
+    traces = _traces(model, schedule)
+    for rank, tr in enumerate(traces):
+        # the rank ran the schedule's own actions, in that order (its kernel-stream marks)
+        marks = [tuple(lbl.split()[1:]) for lbl in tr.kernels.column("label").to_pylist()
+                 if lbl.startswith("begin ")]
+        assert [(k, int(s), int(c)) for k, s, c in marks] == _order(schedule, rank), rank
+        assert tr.activation_bytes == _replayed_activation_peak(schedule, rank), (schedule, rank)
+    if schedule == "1f1b":  # the textbook statement: stage i holds p - i micro-batches
+        per_mid = 2 * PER_LAYER - 2 * B * S * H + ROPE
+        assert traces[1].activation_bytes == (PP - 1) * per_mid + N_MB * RECV
+        assert traces[0].activation_bytes == PP * (2 * PER_LAYER + ROPE) + BATCH_IDS
+        assert traces[PP - 1].activation_bytes == (per_mid + HEAD + N_MB * RECV + BATCH_IDS)
+    if schedule == "gpipe":
+        assert traces[0].activation_bytes == N_MB * (2 * PER_LAYER + ROPE) + BATCH_IDS
+
+
+def test_interleaved_peak_is_narayanans_factor():
+    # Narayanan et al.: the first rank of interleaved 1F1B holds the activations of
+    # p (1 + (p-1)/(p v)) = 5.5 micro-batches of a whole rank's layers (p=4, v=2). A rank's
+    # layers are v = 2 stages here, so at the peak 11 stage forwards are in flight.
+    inflight = peak = 0
+    for kind, _, _ in _order("interleaved_1f1b", 0):
+        inflight += 1 if kind == "F" else -1
+        peak = max(peak, inflight)
+    assert peak == PP * (1 + (PP - 1) / (PP * 2)) * 2
 
 
 def test_pipeline_stages_hold_their_own_parameters(one_f_one_b, model):
@@ -51,52 +162,6 @@ def test_pipeline_stages_hold_their_own_parameters(one_f_one_b, model):
         assert {r["kind"] for r in rows} <= {"send", "recv"}
         assert {r["bytes"] for r in rows} == {B * S * H * 2}
         assert sum(r["count"] for r in rows if r["kind"] == "send") == N_MB * (1 if tr.rank in (0, PP - 1) else 2)
-
-
-def test_gpipe_holds_every_microbatch(model):
-    tr = run_rank(model, rank=1, pp=PP, num_microbatches=N_MB, micro_batch=B, pp_schedule="gpipe")
-    per_mb = 2 * PER_LAYER - 2 * B * S * H + ROPE
-    assert tr.activation_bytes == N_MB * per_mb + N_MB * RECV
-
-
-def _inflight_layers(schedule_rank_order, layers_per_stage) -> int:  # noqa: ANN001
-    """Peak over the schedule's action list of sum(in-flight micro-batches x stage layers)."""
-    inflight: dict[int, int] = {}
-    peak = 0
-    for action in schedule_rank_order:
-        if action is None:
-            continue
-        kind = action.computation_type.value
-        if kind == "F":
-            inflight[action.stage_index] = inflight.get(action.stage_index, 0) + 1
-        elif kind in ("B", "I"):  # full backward, or its input-grad half
-            inflight[action.stage_index] -= 1
-        peak = max(peak, sum(n * layers_per_stage for n in inflight.values()))
-    return peak
-
-
-def test_interleaved_first_stage_follows_the_schedule_order(model):
-    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B
-
-    v = 2
-    tr = run_rank(model, rank=0, pp=PP, num_microbatches=N_MB, micro_batch=B,
-                  pp_schedule="interleaved_1f1b", pp_virtual_stages=v)
-    # Independent expectation: replay the schedule's own action order for rank 0.
-    class _Stage:  # the order depends only on the stage count and group size
-        def __init__(self, i: int) -> None:
-            self.stage_index, self.group_size, self.group_rank = i, PP, 0
-            self.num_stages = PP * v
-            self.is_first, self.is_last = i == 0, i == PP * v - 1
-            self.has_backward = True
-            self.submod = None
-
-    order = ScheduleInterleaved1F1B([_Stage(0), _Stage(PP)], N_MB).pipeline_order[0]
-    layers = 8 // (PP * v)
-    peak_layer_mbs = _inflight_layers(order, layers)
-    # the Narayanan et al. factor: p (1 + (p-1)/(p v)) stage micro-batches = 5.5 for p=4, v=2
-    assert peak_layer_mbs == pytest.approx(PP * (1 + (PP - 1) / (PP * v)) * (8 // PP), rel=0.1)
-    per_layer_mb = PER_LAYER  # first stage: its block inputs are embedding outputs, not buffers
-    assert tr.activation_bytes == pytest.approx(peak_layer_mbs * per_layer_mb, rel=0.03)
 
 
 def test_uneven_split_puts_the_peak_on_the_heaviest_stage():

@@ -19,7 +19,10 @@ def local_ray():  # noqa: ANN201
 
 
 def _rows(plan) -> list[dict]:  # noqa: ANN001
-    return plan.ranks.drop(["class_id"]).to_pylist()
+    """Rank rows without the class number; float columns (times: sums whose order follows the
+    process that priced them) compare within 1e-9 relative, everything else exactly."""
+    return [{k: pytest.approx(v, rel=1e-9, abs=1e-15) if isinstance(v, float) else v
+             for k, v in row.items()} for row in plan.ranks.drop(["class_id"]).to_pylist()]
 
 
 def _partition(plan) -> set[frozenset]:  # noqa: ANN001
@@ -57,24 +60,25 @@ def test_class_runs_equal_exhaustive_runs(local_ray, case):
     by_class = simulate(cfg)
     every = simulate(cfg, exhaustive=True)
     assert by_class.summary["simulated_ranks"] < every.summary["simulated_ranks"] == 8
-    assert _rows(by_class) == _rows(every)
+    assert every.ranks.drop(["class_id"]).to_pylist() == _rows(by_class)
     # the exhaustive run's distinct rows induce exactly the class partition
     distinct: dict[tuple, set] = {}
-    for row in _rows(every):
-        key = tuple(v for k, v in row.items() if k not in ("rank", "node", "local_rank", "pp",
-                                                          "dp_replicate", "dp_shard", "cp",
-                                                          "tp", "ep"))
+    for row in every.ranks.to_pylist():
+        # integers and flags only: equal float times of two ranks may differ in the last bits
+        key = tuple(v for k, v in row.items() if not isinstance(v, float) and k not in (
+            "class_id", "rank", "node", "local_rank", "pp", "dp_replicate", "dp_shard", "cp", "tp",
+            "ep"))
         distinct.setdefault(key, set()).add(row["rank"])
     assert {frozenset(g) for g in distinct.values()} == _partition(by_class)
     assert len(distinct) >= 2
     if case.startswith("3d"):
         # the 4-layer stage holds more than the 2-layer one
-        peaks = {r["pp"]: r["peak_bytes"] for r in _rows(every)}
+        peaks = {r["pp"]: r["peak_bytes"] for r in every.ranks.to_pylist()}
         assert peaks[1] > peaks[0]
     elif case.startswith("cp"):
         # ring attention: cp ranks do different work; the last FSDP shard of the vocab is short
-        assert len({r["hbm_bytes"] for r in _rows(every)}) >= 4
+        assert len({r["hbm_bytes"] for r in every.ranks.to_pylist()}) >= 4
     else:
         # zipf: the EP rank holding expert 0 computes most
-        flops = {r["ep"]: r["flops"] for r in _rows(every)}
+        flops = {r["ep"]: r["flops"] for r in every.ranks.to_pylist()}
         assert flops[0] > flops[1] > flops[3]

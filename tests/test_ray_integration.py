@@ -13,7 +13,7 @@ from collections import defaultdict
 import pyarrow.compute as pc
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray  # a hard dependency (pyproject): missing, the tests must fail, not skip
 
 from simdist.config import load_config  # noqa: E402
 from simdist.coordinator import simulate, simulate_async  # noqa: E402

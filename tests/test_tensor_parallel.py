@@ -63,3 +63,23 @@ def test_tp_shards_parameters_and_flops_exactly(model):
     assert tp4.model_flops * 4 == tp1.model_flops
     # sequence parallelism shards every activation that TP alone keeps replicated
     assert tp4.activation_bytes < tp1.activation_bytes / 2
+
+
+def test_tp_collectives_are_exactly_the_derived_set(model):
+    # Every collective of the step, not only the ones named above: a TP-only plan (FSDP over
+    # one rank issues none), so comm_bytes is their sum.
+    a = model.args
+    act = B * S * a.dim * 2
+    per_token_fp32 = B * S * 4
+    no_sp = run_rank(model, tp=4, micro_batch=B, sequence_parallel=False)
+    assert dict(_tp_collectives(no_sp)) == {
+        ("fwd", "all_reduce", act): 2 * L + 1, ("bwd", "all_reduce", act): 2 * L + 1,
+        ("fwd", "all_reduce", per_token_fp32): 3}
+    assert no_sp.comm_bytes == 2 * (2 * L + 1) * act + 3 * per_token_fp32
+    sp = run_rank(model, tp=4, micro_batch=B, sequence_parallel=True)
+    expected = {("fwd", "all_gather", act): 2 * L + 1, ("fwd", "reduce_scatter", act): 2 * L + 1,
+                ("bwd", "all_gather", act): 2 * L + 1, ("bwd", "reduce_scatter", act): 2 * L + 1,
+                ("bwd", "all_reduce", a.dim * 2): 2 * L + 1,
+                ("fwd", "all_reduce", per_token_fp32): 3}
+    assert dict(_tp_collectives(sp)) == expected
+    assert sp.comm_bytes == sum(k[2] * n for k, n in expected.items())

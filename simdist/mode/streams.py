@@ -29,7 +29,9 @@ def summarize(streams: StepStreams) -> dict:
     sc = streams.scalars
     # Memory: replay the events; the peak is the first time live bytes reach their maximum.
     live, saved = sc["initial_live"], sc["initial_saved"]
-    peak, saved_peak, peak_row = live, saved, None
+    # saved_at_peak: the activations live at the peak (the peak of activations may come
+    # earlier: a peak in the optimizer step holds none); other_bytes is the rest at the peak.
+    peak, saved_peak, saved_at_peak, peak_row = live, saved, saved, None
     mem_rows = []
     for phase, module, op, delta, saved_delta in streams.memory:  # MemoryEvent
         if saved_delta:
@@ -40,7 +42,7 @@ def summarize(streams: StepStreams) -> dict:
             row = dict(seq=len(mem_rows), phase=phase, module=module, op=op, delta=delta, live=live)
             mem_rows.append(row)
             if live > peak:
-                peak, peak_row = live, row
+                peak, peak_row, saved_at_peak = live, row, saved
 
     ops: dict[tuple, list[int]] = {}
     op_row: list[int] = []  # the ops table row of every op event
@@ -72,7 +74,7 @@ def summarize(streams: StepStreams) -> dict:
     return dict(
         peak_bytes=peak, param_bytes=param, grad_bytes=grad, optimizer_bytes=optim,
         activation_bytes=saved_peak,
-        other_bytes=max(0, peak - param - grad - optim - saved_peak),
+        other_bytes=max(0, peak - param - grad - optim - saved_at_peak),
         peak_phase=peak_row["phase"] if peak_row else "",
         peak_module=peak_row["module"] if peak_row else "",
         flops=total_flops,
