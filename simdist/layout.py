@@ -69,23 +69,6 @@ class MeshLayout:
             stride *= deg
         return out
 
-    def group_inside_node(self, rank: int, gpus_per_node: int) -> dict[str, bool]:
-        """Per dim of MESH_ORDER + EP_DIMS: does this rank's group along it stay inside one
-        node? A group along one dim is an arithmetic progression of ranks: check its two ends."""
-        coords, strides = self.coords(rank), self.strides()
-
-        def inside(offset: int, step: int, size: int) -> bool:
-            lo = rank - offset * step
-            return lo // gpus_per_node == (lo + (size - 1) * step) // gpus_per_node
-
-        out = {name: inside(coords[name], strides[name], self.degree(name))
-               for name in MESH_ORDER}
-        ep, shard_stride = self.ep, strides["dp_shard"]
-        out["ep"] = inside(coords["ep"], shard_stride, ep)
-        out["dp_shard_mod_ep"] = inside(coords["dp_shard"] // ep, shard_stride * ep,
-                                        self.degree("dp_shard_mod_ep"))
-        return out
-
 
 def group_placements(layout: MeshLayout, gpus_per_node: int) -> dict[str, tuple]:
     """Per dim of GROUP_DIMS (and "world"): for every rank, (ranks of its group on its busiest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from simdist.layout import COORD_DIMS
+
 OPS = pa.schema([
     ("op", pa.string()), ("phase", pa.string()), ("module", pa.string()), ("shapes", pa.string()),
     ("count", pa.int64()), ("flops", pa.int64()), ("bytes", pa.int64()),
@@ -38,11 +40,10 @@ COLLECTIVES_OUT = pa.schema(CLASS_COLUMNS + list(COLLECTIVES) + [("est_time_s", 
 MEMORY_OUT = pa.schema(CLASS_COLUMNS + list(MEMORY))
 KERNELS_OUT = pa.schema(CLASS_COLUMNS + list(KERNELS) + [("est_time_s", pa.float64())])
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
 
 RANKS = pa.schema(
     [("rank", pa.int32()), ("node", pa.int32()), ("local_rank", pa.int32())]
-    + [(d, pa.int32()) for d in MESH_DIMS]
+    + [(d, pa.int32()) for d in COORD_DIMS]
     + [("class_id", pa.int32())]
     + [(c, pa.int64()) for c in ("peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
                                  "activation_bytes", "other_bytes", "flops", "hbm_bytes",
