@@ -96,7 +96,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = check_out(args.out if args.out else Path("runs") / Path(args.config).stem)
     from simdist.planner import plan_run
 
+    if not args.quiet:
+        print("simdist: planning", file=sys.stderr, flush=True)
     run = plan_run(cfg, use_cache=not args.no_cache, exhaustive=args.exhaustive)
+    if not args.quiet:
+        print(f"simdist: planned {run.layout.world_size} GPU(s) as {len(run.classes)} rank "
+              f"class(es), model {run.spec.family}", file=sys.stderr, flush=True)
     from simdist.coordinator import simulate
 
     plan = simulate(run, address=args.address, workers=workers, progress=not args.quiet,
@@ -152,7 +157,7 @@ def _report(e: Exception, debug: bool) -> int:
     """Bad input (ConfigError, also when raised inside a Ray actor): exit 2; anything else is an
     internal error: exit 1. One plain line either way; --debug adds the traceback."""
     from simdist.config import ConfigError
-    from simdist.errors import one_line, plain, root_cause
+    from simdist.errors import CannotSimulate, one_line, plain, root_cause
 
     cause, _ = root_cause(e)
     if debug:
@@ -161,6 +166,9 @@ def _report(e: Exception, debug: bool) -> int:
         print(f"simdist: invalid input: {ConfigError(cause.key, cause.message)}", file=sys.stderr)
         return EXIT_INPUT
     hint = "" if debug else " (--debug prints the traceback)"
+    if isinstance(cause, CannotSimulate):  # the model's, not simdist's: one line, what to do
+        print(f"simdist: cannot simulate the model: {plain(str(cause))}", file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"simdist: internal error: {one_line(e)}{hint}", file=sys.stderr)
     return EXIT_INTERNAL
 

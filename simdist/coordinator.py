@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import simdist
-from simdist.config import SimdistConfig, check_workers, trusting
+from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
 from simdist.families import build_model, count_params
 from simdist.memo import executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
@@ -68,10 +68,28 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
         ray.shutdown()
 
 
-class Progress:
-    """rich progress on a terminal, silent otherwise (batch jobs, CI)."""
+class Phases:
+    """One line on stderr per phase of a run (starting Ray, executing, rebuilding, merging),
+    also when stderr is not a terminal (batch jobs, CI logs); nothing when disabled (--quiet)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console: Any = None  # the progress bar's console while one is shown
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.console is not None:
+            self.console.print(f"simdist: {text}", markup=False, highlight=False)
+        else:
+            print(f"simdist: {text}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """rich progress on a terminal, silent otherwise (batch jobs, CI: the phase lines say
+    what happens there)."""
+
+    def __init__(self, total: int, enabled: bool, phases: Phases | None = None) -> None:
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.progress import Progress as RichProgress
@@ -79,6 +97,9 @@ class Progress:
             self._bar = RichProgress(transient=True)
             self._task = self._bar.add_task("simulating rank classes", total=total)
             self._bar.start()
+            if phases is not None:
+                phases.console = self._bar.console
+        self._phases = phases
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -87,10 +108,13 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self._phases is not None:
+                self._phases.console = None
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
                      progress: bool, start_cache: Callable[[str | None], Any] | None = None,
+                     phases: Phases | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
     """Simulate every task (one per rank class) on a pool of actors, each through the memo
     protocol (simdist/memo.py); memo models go to / come from the layer store here, on the
@@ -107,7 +131,13 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     run_cache = (start_cache("driver" if in_driver else None) if start_cache is not None
                  else None)
     pool = ActorPool(actors, timeout_s, run_cache)
-    bar = Progress(len(tasks), progress)
+    phases = phases or Phases(False)
+    n_memo = sum(j is not None for j in jobs)
+    where = "in the driver" if in_driver else f"on {len(actors)} actor(s)"
+    phases(f"executing {len(tasks)} rank class(es): {n_exec} execution(s) {where}")
+    if n_memo:
+        phases(f"rebuilding {n_memo} class(es) from short runs through the layer memo")
+    bar = Progress(len(tasks), progress, phases)
 
     async def one(task: RankTask, job: Any) -> RankTrace:
         trace = await simulate_task(pool, task, job)
@@ -150,6 +180,9 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         run = plan_run(config, use_cache=use_cache,
                        exhaustive=cfg.exhaustive if isinstance(cfg, RunPlan) else exhaustive)
     cfg = run.cfg
+    phases = Phases(progress)
+    target = address or os.environ.get("RAY_ADDRESS")
+    phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
     with ray_session(address) as ray_address:
         import ray
 
@@ -159,7 +192,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
                        else None)  # called with the service's placement
         traces, nodes, n_actors, run_cache = await _run_tasks(
             run.tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
-            progress, start_cache)
+            progress, start_cache, phases)
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
         if cache_warnings:
@@ -167,6 +200,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     t = cfg.training
+    phases(f"merging {len(traces)} class(es) into {run.layout.world_size} rank rows")
     summary = dict(
         num_params=count_params(build_model(run.spec, "meta")),
         config=cfg.to_dict(),

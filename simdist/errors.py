@@ -50,3 +50,45 @@ def one_line(exc: BaseException) -> str:
         return f"{name} at {_where(cause, remote)}"
     first = text.splitlines()[0].strip()
     return f"{name}: {first[:300]}"
+
+
+class CannotSimulate(RuntimeError):
+    """An op of the model that fake execution cannot run (it needs tensor values, or it has no
+    fake kernel): named with the module that ran it and what to do. Picklable (it crosses Ray
+    actor boundaries) and one line."""
+
+    def __init__(self, op: str, module: str, why: str, hint: str) -> None:
+        super().__init__(op, module, why, hint)
+        self.op, self.module, self.why, self.hint = op, module, why, hint
+
+    def __str__(self) -> str:
+        where = f"module {self.module}" if self.module else "the model (outside any submodule)"
+        return f"op {self.op} in {where} cannot run on fake tensors: {self.why}; {self.hint}"
+
+
+_STATIC = ("make it static for the simulation (fixed shapes and no branching on values, e.g. "
+           "token counts per expert as an input like simdist's MoE routing), or give the op a "
+           "fake kernel with torch.library.register_fake")
+
+
+def cannot_simulate(exc: BaseException, op: str, module: str) -> CannotSimulate | None:
+    """The CannotSimulate for an exception fake execution raised while running `op`, or None
+    when it is another kind of error."""
+    from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                               DynamicOutputShapeException,
+                                               UnsupportedOperatorException)
+
+    if isinstance(exc, DataDependentOutputException):
+        why = "it needs a tensor's value (.item(), .tolist(), bool() or an if on a tensor)"
+        return CannotSimulate(str(exc) or op, module, why, _STATIC)
+    if isinstance(exc, DynamicOutputShapeException):
+        why = "its output shape depends on tensor values (nonzero, unique, masked_select, ...)"
+        return CannotSimulate(str(exc) or op, module, why, _STATIC)
+    text = str(exc)
+    if isinstance(exc, UnsupportedOperatorException) or (
+            isinstance(exc, (RuntimeError, NotImplementedError))
+            and ("no fake impl" in text or "'Meta' backend" in text)):
+        return CannotSimulate(op, module, "it has no fake (meta) kernel",
+                              "register one with torch.library.register_fake (output shapes from "
+                              "input shapes)")
+    return None

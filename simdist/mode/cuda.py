@@ -121,14 +121,30 @@ _KERNELS = {"scaled_dot_product_attention": _sdpa, "_fused_rms_norm": _fused_rms
 
 # --- LayerNorm statistics ---------------------------------------------------------------------
 
-class _CudaStats(TorchDispatchMode):
-    """native_layer_norm's mean and rstd in fp32 for half inputs, as the CUDA kernel returns them
-    (entered below the recorders: they see the op with these outputs)."""
+class _FakeDispatch(TorchDispatchMode):
+    """The mode just above FakeTensorMode, below the recorders (which see what it returns):
+    native_layer_norm's mean and rstd in fp32 for half inputs, as the CUDA kernel returns them;
+    and an op fake execution cannot run (data-dependent, no fake kernel) raised as
+    simdist.errors.CannotSimulate naming the op and the module running it."""
+
+    def __init__(self, ctx: Any = None) -> None:
+        super().__init__()
+        self.ctx = ctx
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if is_dtensor_dispatch(types):
             return NotImplemented
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - re-raised as it is unless fake execution's
+            from simdist.errors import CannotSimulate, cannot_simulate
+
+            if isinstance(e, CannotSimulate):
+                raise
+            named = cannot_simulate(e, str(func), self.ctx.module() if self.ctx else "")
+            if named is None:
+                raise
+            raise named from e
         if func is aten.native_layer_norm.default and out[1].dtype != torch.float32 \
                 and args[0].dtype in _HALF:
             y, mean, rstd = out
@@ -140,14 +156,15 @@ class _CudaStats(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def cuda_semantics() -> Iterator[None]:
-    """While inside: the aten ops above run as on CUDA for fake tensors (module docstring).
-    Enter it below (before) the recording modes."""
+def cuda_semantics(ctx: Any = None) -> Iterator[None]:
+    """While inside: the aten ops above run as on CUDA for fake tensors (module docstring), and
+    ops fake execution cannot run are named with the module of `ctx` (a StepContext). Enter it
+    below (before) the recording modes."""
     lib = torch.library.Library("aten", "IMPL")  # noqa: TOR901 - removed again on exit
     try:
         for name, fn in _KERNELS.items():
             lib.impl(name, fn, "AutogradCPU")
-        with _CudaStats():
+        with _FakeDispatch(ctx):
             yield
     finally:
         lib._destroy()

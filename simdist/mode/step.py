@@ -93,7 +93,7 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     try:
         # CUDA's kernels for F.scaled_dot_product_attention, F.rms_norm, F.dropout and LayerNorm's
         # statistics (mode/cuda.py), entered first: the recorders see the ops a GPU runs.
-        with cuda_semantics(), ctx.mod_tracker, colls, ops, mem, \
+        with cuda_semantics(ctx), ctx.mod_tracker, colls, ops, mem, \
                 observe_checkpoint_inputs(checkpoint_inputs), fsdp_streams(ctx):
             yield colls, ops, mem, ctx.kernels
     finally:
