@@ -68,6 +68,63 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
         ray.shutdown()
 
 
+WATCH_INTERVAL_S = 1.0  # how often the Ray processes the run depends on are checked
+
+
+async def watch_ray(ray_address: str | None) -> None:
+    """Return never; raise RayClusterLost when a Ray process the run depends on dies: the GCS or
+    raylet of the local Ray this run started (their exit codes), or the GCS of a joined cluster
+    (it stops accepting connections). Without it a driver waiting on actor results learns of
+    the death only from Ray's own timeouts (a minute for the GCS, then the C++ core ends the
+    process; FIELD-NOTES measured a 13-minute hang)."""
+    import ray
+
+    from simdist.errors import RayClusterLost
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    watched = []
+    if ray_address is None and node is not None:
+        for name in ("gcs_server", "raylet"):
+            watched += [(name, info.process) for info in node.all_processes.get(name, [])]
+    gcs = None if ray_address is None else ray.get_runtime_context().gcs_address
+    misses = 0
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        for name, proc in watched:
+            code = proc.poll()
+            if code is not None:
+                raise RayClusterLost(f"the local Ray's {name} (pid {proc.pid}) died during the "
+                                     f"run (exit code {code})")
+        if gcs:
+            host, _, port = gcs.rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+                writer.close()
+                misses = 0
+            except (OSError, asyncio.TimeoutError):
+                misses += 1
+                if misses >= 3:
+                    raise RayClusterLost(f"the Ray cluster's GCS at {gcs} stopped accepting "
+                                         "connections during the run") from None
+
+
+async def watched(coro: Any, ray_address: str | None) -> Any:
+    """`coro`'s result, unless a Ray process it depends on dies first (watch_ray): then the run
+    is cancelled and RayClusterLost raised."""
+    run = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(watch_ray(ray_address))
+    try:
+        done, _ = await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            watch.result()  # raises RayClusterLost
+        return run.result()
+    finally:
+        watch.cancel()
+        run.cancel()
+
+
 class Phases:
     """One line on stderr per phase of a run (starting Ray, executing, rebuilding, merging),
     also when stderr is not a terminal (batch jobs, CI logs); nothing when disabled (--quiet)."""
@@ -190,9 +247,9 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
 
         start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu) if use_cache
                        else None)  # called with the service's placement
-        traces, nodes, n_actors, run_cache = await _run_tasks(
+        traces, nodes, n_actors, run_cache = await watched(_run_tasks(
             run.tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
-            progress, start_cache, phases)
+            progress, start_cache, phases), ray_address)
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
         if cache_warnings:

@@ -92,3 +92,15 @@ def cannot_simulate(exc: BaseException, op: str, module: str) -> CannotSimulate 
                               "register one with torch.library.register_fake (output shapes from "
                               "input shapes)")
     return None
+
+
+class RayClusterLost(RuntimeError):
+    """A process the run depends on (the local Ray's GCS or raylet, or a joined cluster's GCS)
+    died during the run. One line naming it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+    def __str__(self) -> str:
+        return f"{self.what}; the run stopped, nothing was written"
