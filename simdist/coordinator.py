@@ -123,6 +123,9 @@ async def watched(coro: Any, ray_address: str | None) -> Any:
     finally:
         watch.cancel()
         run.cancel()
+        # Let the run finish its own cleanup (the pool kills its actors) before Ray is shut
+        # down, also when this coroutine is cancelled (Ctrl-C, SIGTERM).
+        await asyncio.gather(run, watch, return_exceptions=True)
 
 
 class Phases:

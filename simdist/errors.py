@@ -17,12 +17,14 @@ def plain(text: str) -> str:
 
 def root_cause(exc: BaseException) -> tuple[BaseException, str | None]:
     """(the exception that was raised, where it was raised when that was in a Ray actor: the
-    remote traceback's text). RayTaskError (and its as_instanceof_cause subclasses) carry the
-    original as `.cause`."""
+    remote traceback's text). RayTaskError (and its as_instanceof_cause subclasses,
+    "RayTaskError(ValueError)") carry the original as `.cause`; the remote traceback is
+    `traceback_str` where Ray keeps it, else the error's own text (Ray 2.60)."""
     remote = None
     seen = 0
-    while hasattr(exc, "cause") and hasattr(exc, "traceback_str") and seen < 8:
-        remote = getattr(exc, "traceback_str", None) or remote
+    while hasattr(exc, "cause") and any(c.__name__ == "RayTaskError" for c in type(exc).__mro__) \
+            and seen < 8:
+        remote = getattr(exc, "traceback_str", None) or str(exc) or remote
         cause = getattr(exc, "cause", None)
         if not isinstance(cause, BaseException):
             break
