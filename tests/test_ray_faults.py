@@ -59,6 +59,15 @@ def test_model_that_raises_is_one_plain_line(tmp_path):
     assert "ray::" not in line and not out.exists()
 
 
+def test_op_fake_tensors_cannot_run_is_one_line_naming_op_and_module(tmp_path):
+    proc = _run(_config(tmp_path, "item", "item"), tmp_path / "run", "--quiet")
+    assert proc.returncode == 1
+    line = _one_plain_line(proc.stderr)
+    assert line.startswith("simdist: cannot simulate the model: op aten._local_scalar_dense"
+                           ".default in module layers.0 cannot run on fake tensors"), line
+    assert "register_fake" in line
+
+
 def test_actor_process_that_dies_once_is_retried(tmp_path):
     """The first actor process to run forward os._exit()s; Ray restarts the actor
     (max_restarts) and retries the call (max_task_retries): the run completes, its rows equal
