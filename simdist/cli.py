@@ -136,11 +136,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = check_out(args.out if args.out else Path("runs") / Path(args.config).stem)
     from simdist.planner import plan_run
 
+    if not args.quiet:
+        print("simdist: planning", file=sys.stderr, flush=True)
     run = plan_run(cfg, use_cache=not args.no_cache, exhaustive=args.exhaustive)
+    if not args.quiet:
+        print(f"simdist: planned {run.layout.world_size} GPU(s) as {len(run.classes)} rank "
+              f"class(es), model {run.spec.family}", file=sys.stderr, flush=True)
     from simdist.coordinator import simulate
+    from simdist.workers.connect import native_stderr_kept_apart
 
-    plan = simulate(run, address=args.address, workers=workers, progress=not args.quiet,
-                    use_cache=not args.no_cache)
+    with native_stderr_kept_apart(enabled=not getattr(args, "debug_all", False)):
+        plan = simulate(run, address=args.address, workers=workers, progress=not args.quiet,
+                        use_cache=not args.no_cache)
     path = plan.write(out)
     if not args.quiet:
         print(_summary_line(plan))
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or "SIMDIST_DEBUG" in os.environ
+    args.debug_all = debug
     with sigterm_as_interrupt() as stop, warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -256,7 +264,7 @@ def _report(e: Exception, debug: bool) -> int:
     """Bad input (ConfigError, also when raised inside a Ray actor): exit 2; anything else is an
     internal error: exit 1. One plain line either way; --debug adds the traceback."""
     from simdist.config import ConfigError
-    from simdist.errors import one_line, plain, root_cause
+    from simdist.errors import CannotSimulate, RayClusterLost, one_line, plain, root_cause
 
     cause, _ = root_cause(e)
     if debug:
@@ -265,6 +273,12 @@ def _report(e: Exception, debug: bool) -> int:
         print(f"simdist: invalid input: {ConfigError(cause.key, cause.message)}", file=sys.stderr)
         return EXIT_INPUT
     hint = "" if debug else " (--debug prints the traceback)"
+    if isinstance(cause, CannotSimulate):  # the model's, not simdist's: one line, what to do
+        print(f"simdist: cannot simulate the model: {plain(str(cause))}", file=sys.stderr)
+        return EXIT_INTERNAL
+    if isinstance(cause, RayClusterLost):
+        print(f"simdist: Ray failed: {cause}", file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"simdist: internal error: {one_line(e)}{hint}", file=sys.stderr)
     return EXIT_INTERNAL
 

@@ -111,6 +111,9 @@ class ModelConfig(BaseModel):
     hf: dict | None = None
     entrypoint: str | None = None
     kwargs: dict = {}
+    # With an entrypoint: the path of the model's block container (a ModuleList or ModuleDict,
+    # e.g. `model.layers`), what FSDP and checkpointing wrap one unit each; default `layers`.
+    blocks: str | None = None
 
     def overrides(self) -> dict:
         """The shape overrides: every key that is not a schema field."""
@@ -123,6 +126,13 @@ class ModelConfig(BaseModel):
             raise ValueError(f"got {v!r}; expected 'package.module:function'")
         return v
 
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", v):
+            raise ValueError(f"got {v!r:.60}; expected a dotted module path like model.layers")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         given = [k for k in _MODEL_SOURCES if getattr(self, k) is not None]
@@ -130,6 +140,9 @@ class ModelConfig(BaseModel):
             self.preset = _DEFAULT_PRESET
         elif len(given) > 1:
             raise ValueError(f"set exactly one of preset, hf, entrypoint; got {' and '.join(given)}")
+        if self.blocks is not None and self.entrypoint is None:
+            raise ConfigError("model.blocks", "applies to model.entrypoint only (presets and hf "
+                                              "models know their blocks)")
         return self
 
 

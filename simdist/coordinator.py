@@ -69,10 +69,88 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
         ray.shutdown()
 
 
-class Progress:
-    """rich progress on a terminal, silent otherwise (batch jobs, CI)."""
+WATCH_INTERVAL_S = 1.0  # how often the Ray processes the run depends on are checked
 
-    def __init__(self, total: int, enabled: bool) -> None:
+
+async def watch_ray(ray_address: str | None) -> None:
+    """Return never; raise RayClusterLost when a Ray process the run depends on dies: the GCS or
+    raylet of the local Ray this run started (their exit codes), or the GCS of a joined cluster
+    (it stops accepting connections). Without it a driver waiting on actor results learns of
+    the death only from Ray's own timeouts (a minute for the GCS, then the C++ core ends the
+    process; FIELD-NOTES measured a 13-minute hang)."""
+    import ray
+
+    from simdist.errors import RayClusterLost
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    watched = []
+    if ray_address is None and node is not None:
+        for name in ("gcs_server", "raylet"):
+            watched += [(name, info.process) for info in node.all_processes.get(name, [])]
+    gcs = None if ray_address is None else ray.get_runtime_context().gcs_address
+    misses = 0
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        for name, proc in watched:
+            code = proc.poll()
+            if code is not None:
+                raise RayClusterLost(f"the local Ray's {name} (pid {proc.pid}) died during the "
+                                     f"run (exit code {code})")
+        if gcs:
+            host, _, port = gcs.rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+                writer.close()
+                misses = 0
+            except (OSError, asyncio.TimeoutError):
+                misses += 1
+                if misses >= 3:
+                    raise RayClusterLost(f"the Ray cluster's GCS at {gcs} stopped accepting "
+                                         "connections during the run") from None
+
+
+async def watched(coro: Any, ray_address: str | None) -> Any:
+    """`coro`'s result, unless a Ray process it depends on dies first (watch_ray): then the run
+    is cancelled and RayClusterLost raised."""
+    run = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(watch_ray(ray_address))
+    try:
+        done, _ = await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            watch.result()  # raises RayClusterLost
+        return run.result()
+    finally:
+        watch.cancel()
+        run.cancel()
+        # Let the run finish its own cleanup (the pool kills its actors) before Ray is shut
+        # down, also when this coroutine is cancelled (Ctrl-C, SIGTERM).
+        await asyncio.gather(run, watch, return_exceptions=True)
+
+
+class Phases:
+    """One line on stderr per phase of a run (starting Ray, executing, rebuilding, merging),
+    also when stderr is not a terminal (batch jobs, CI logs); nothing when disabled (--quiet)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console: Any = None  # the progress bar's console while one is shown
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.console is not None:
+            self.console.print(f"simdist: {text}", markup=False, highlight=False)
+        else:
+            print(f"simdist: {text}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """rich progress on a terminal, silent otherwise (batch jobs, CI: the phase lines say
+    what happens there)."""
+
+    def __init__(self, total: int, enabled: bool, phases: Phases | None = None) -> None:
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.progress import Progress as RichProgress
@@ -80,6 +158,9 @@ class Progress:
             self._bar = RichProgress(transient=True)
             self._task = self._bar.add_task("simulating rank classes", total=total)
             self._bar.start()
+            if phases is not None:
+                phases.console = self._bar.console
+        self._phases = phases
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -88,10 +169,13 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self._phases is not None:
+                self._phases.console = None
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
                      progress: bool, start_cache: Callable[[str | None], Any] | None = None,
+                     phases: Phases | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
     """Simulate every task (one per rank class) on a pool of actors, each through the memo
     protocol (simdist/memo.py); memo models go to / come from the layer store here, on the
@@ -108,7 +192,13 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     run_cache = (start_cache("driver" if in_driver else None) if start_cache is not None
                  else None)
     pool = ActorPool(actors, timeout_s, run_cache)
-    bar = Progress(len(tasks), progress)
+    phases = phases or Phases(False)
+    n_memo = sum(j is not None for j in jobs)
+    where = "in the driver" if in_driver else f"on {len(actors)} actor(s)"
+    phases(f"executing {len(tasks)} rank class(es): {n_exec} execution(s) {where}")
+    if n_memo:
+        phases(f"rebuilding {n_memo} class(es) from short runs through the layer memo")
+    bar = Progress(len(tasks), progress, phases)
 
     async def one(task: RankTask, job: Any) -> RankTrace:
         trace = await simulate_task(pool, task, job)
@@ -151,6 +241,9 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         run = plan_run(config, use_cache=use_cache,
                        exhaustive=cfg.exhaustive if isinstance(cfg, RunPlan) else exhaustive)
     cfg = run.cfg
+    phases = Phases(progress)
+    target = address or os.environ.get("RAY_ADDRESS")
+    phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
     with ray_session(address) as ray_address:
         import ray
 
@@ -158,9 +251,9 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
 
         start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu) if use_cache
                        else None)  # called with the service's placement
-        traces, nodes, n_actors, run_cache = await _run_tasks(
+        traces, nodes, n_actors, run_cache = await watched(_run_tasks(
             run.tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
-            progress, start_cache)
+            progress, start_cache, phases), ray_address)
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
         if cache_warnings:
@@ -168,6 +261,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     t = cfg.training
+    phases(f"merging {len(traces)} class(es) into {run.layout.world_size} rank rows")
     summary = dict(
         num_params=count_params(build_model(run.spec, "meta")),
         config=cfg.to_dict(),

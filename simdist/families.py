@@ -19,7 +19,9 @@ from simdist.models import FLAVORS
 from simdist.models.gpt import GPT, GPTArgs
 from simdist.models.llama3 import Llama3, Llama3Args
 from simdist.models.moe import MoEArgs, MoETransformer
-from simdist.parallel import parallelize_gpt, parallelize_llama3, parallelize_moe
+from simdist.models.hf import HFArgs, HFError, build_hf, hf_spec_args
+from simdist.parallel import (parallelize_custom, parallelize_gpt, parallelize_hf, parallelize_llama3,
+                              parallelize_moe)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,10 @@ register(Family("gpt", GPTArgs, GPT, parallelize_gpt, tensor_parallel=True, laye
                 attention_modules=("simdist.models.gpt",)))
 register(Family("moe", MoEArgs, MoETransformer, parallelize_moe,
                 attention_modules=("simdist.models.llama3",)))
-register(Family("custom", None, None, parallelize_llama3))
+# Hugging Face transformers from config (simdist/models/hf.py): TP from the model's own plan,
+# FSDP2 and checkpointing per decoder block; no layer memo (blocks are rebuilt per run).
+register(Family("hf", HFArgs, build_hf, parallelize_hf, tensor_parallel=True))
+register(Family("custom", None, None, parallelize_custom))
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class ModelSpec:
     args: Any = None
     entrypoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    blocks: str | None = None  # entrypoints: path of the block container (default `layers`)
 
     @property
     def n_layers(self) -> int | None:
@@ -115,7 +121,16 @@ def resolve_model(preset: str, overrides: dict[str, Any], *, seq_len: int,
     return ModelSpec(family=family, args=args)
 
 
-def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any]) -> ModelSpec:
+def hf_spec(hf: dict, *, attention: str = "flash") -> ModelSpec:
+    """`model.hf` -> ModelSpec (transformers needed: a ModelError naming model.hf without)."""
+    try:
+        return ModelSpec(family="hf", args=hf_spec_args(hf, attention))
+    except HFError as e:
+        raise ModelError(e.key, str(e)) from None
+
+
+def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any],
+                    blocks: str | None = None) -> ModelSpec:
     module, _, fn = entrypoint.partition(":")
     if not module or not fn:
         raise ModelError("model.entrypoint", f"expected 'package.module:function', got {entrypoint!r}")
@@ -123,7 +138,7 @@ def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any]) -> ModelSpec:
         getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
         raise ModelError("model.entrypoint", f"cannot import {entrypoint!r}: {e}") from None
-    return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs))
+    return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs), blocks=blocks)
 
 
 def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Module:
@@ -131,7 +146,10 @@ def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Modu
     with torch.device(device):
         if spec.entrypoint:
             module, _, fn = spec.entrypoint.partition(":")
-            return getattr(importlib.import_module(module), fn)(**spec.kwargs)
+            model = getattr(importlib.import_module(module), fn)(**spec.kwargs)
+            if spec.blocks:
+                model.simdist_blocks = spec.blocks  # read by simdist.parallel.blocks
+            return model
         return FAMILIES[spec.family].model_cls(spec.args)
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from simdist.config import ConfigError, ParallelConfig, SimdistConfig, require_trusted_code
 from simdist.costmodel import GPUSpec, UnknownGPU, gpu_spec
-from simdist.families import ModelError, ModelSpec, build_model, entrypoint_spec, resolve_model
+from simdist.families import (ModelError, ModelSpec, build_model, entrypoint_spec, hf_spec,
+                              resolve_model)
 from simdist.layout import MeshLayout
 from simdist.parallel.classes import rank_classes
 from simdist.parallel.pipeline import (STAGE_FIRST_ONLY, STAGE_LAST_ONLY, rank_stage_ids,
@@ -45,11 +46,16 @@ def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
     m = cfg.model
     require_trusted_code(cfg)  # before anything of the entrypoint is imported
     try:
+        if (m.entrypoint or m.hf is not None) and m.overrides():
+            key = next(iter(m.overrides()))
+            where = "model.hf" if m.hf is not None else "model.kwargs"
+            raise ModelError(f"model.{key}", f"shape fields go inside {where} with "
+                                             f"{'model.hf' if m.hf is not None else 'an entrypoint'}"
+                                             f"; allowed next to it: {'blocks, kwargs' if m.entrypoint else 'nothing'}")
         if m.entrypoint:
-            return entrypoint_spec(m.entrypoint, m.kwargs)
-        if m.hf:
-            raise ModelError("model.hf", "Hugging Face models need the `transformers` package, "
-                                         "which this installation lacks; allowed: preset, entrypoint")
+            return entrypoint_spec(m.entrypoint, m.kwargs, m.blocks)
+        if m.hf is not None:
+            return hf_spec(m.hf, attention=cfg.training.attention)
         return resolve_model(m.preset, m.overrides(), seq_len=cfg.training.seq_len,
                              routing=cfg.training.routing,
                              attention=cfg.training.attention)

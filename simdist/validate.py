@@ -10,6 +10,10 @@ from simdist.families import FAMILIES, ModelSpec
 def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     par = cfg.parallel
     tp = par.tp
+    if spec.family == "hf":
+        _check_hf(cfg, spec)
+    if spec.entrypoint:
+        _check_blocks(spec)
     if tp > 1 and not spec.registration.tensor_parallel:
         with_tp = [f.name for f in FAMILIES.values() if f.tensor_parallel]
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
@@ -86,3 +90,42 @@ def _check_pipeline(cfg: SimdistConfig, spec: ModelSpec) -> None:
         raise ConfigError("training.global_batch",
                           f"{par.pp_schedule} needs the micro-batch count ({n_mb}) to be a multiple "
                           f"of pp ({par.pp})")
+
+
+def _check_hf(cfg: SimdistConfig, spec: ModelSpec) -> None:
+    """What the hf family implements: FSDP/HSDP/DDP/ZeRO, TP from the model's own plan,
+    full and op checkpointing."""
+    from simdist.parallel.tensor_parallel import unsupported_tp_styles
+
+    par, args = cfg.parallel, spec.args
+    for key, degree in (("pp", par.pp), ("cp", par.cp), ("ep", par.ep)):
+        if degree > 1:
+            raise ConfigError(f"parallel.{key}", f"{key}={degree} is not implemented for hf models "
+                                                 f"({args.model_type}); allowed: {key}=1 (presets "
+                                                 "have pipeline, context and expert parallelism)")
+    if cfg.training.activation_checkpointing == "selective":
+        raise ConfigError("training.activation_checkpointing",
+                          "selective recomputes simdist's attention core, which hf models do not "
+                          "have; allowed for hf: none, full, op")
+    if par.tp > 1:
+        if not args.tp_plan:
+            raise ConfigError("parallel.tp", f"{args.model_type} declares no tensor-parallel plan "
+                                             "(`_tp_plan`); allowed: tp=1")
+        bad = unsupported_tp_styles(args.tp_plan)
+        if bad:
+            listed = ", ".join(f"{glob}: {style}" for glob, style in bad[:4])
+            raise ConfigError("parallel.tp", f"{args.model_type}'s tensor-parallel plan uses "
+                                             f"styles simdist does not map to DTensor ({listed}); "
+                                             "supported: colwise, rowwise, embedding_rowwise, "
+                                             "colwise_gather_output; allowed: tp=1")
+
+
+def _check_blocks(spec: ModelSpec) -> None:
+    from simdist.families import build_model
+    from simdist.parallel.blocks import BlocksNotFound, block_container
+
+    try:
+        block_container(build_model(spec, "meta"))
+    except BlocksNotFound as e:
+        raise ConfigError("model.blocks", f"{spec.entrypoint}: {e}; set model.blocks to the path "
+                                          "of its blocks (e.g. model.layers)") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ RANK_COLUMNS = {
 }
 RUN_FILES = {"plan.json", "ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet",
              "kernels.parquet", "timeline.json"}
+PHASE = re.compile(r"simdist: (planning|planned|starting|joining|executing|rebuilding|merging)\b")
 
 
 def simdist_cmd() -> list[str]:
@@ -206,7 +208,12 @@ def test_plan_that_does_not_fit_is_a_result(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "fits false" in proc.stdout  # the summary line
     warned = [line for line in proc.stderr.splitlines() if str(a_file) in line]
-    assert len(warned) == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    rest = [line for line in proc.stderr.strip().splitlines() if line not in warned]
+    assert len(warned) == 1 and all(PHASE.match(line) for line in rest), proc.stderr
+    # A console that informs, also when stderr is not a terminal: one line per phase, in order.
+    phases = [PHASE.match(line).group(1) for line in rest]
+    assert phases == ["planning", "planned", "starting", "executing", "merging"], \
+        proc.stderr
     out = tmp_path / "runs" / "quickstart"
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["cache"]["warnings"]) == 1 and str(a_file) in plan["cache"]["warnings"][0]
@@ -455,7 +462,8 @@ def test_ray_actor_error_is_one_plain_line(tmp_path, monkeypatch, capsys, debug)
     monkeypatch.setattr(simdist.coordinator, "simulate", remote_failure)
     from simdist.cli import main
 
-    code = main(["run", str(QUICKSTART), "--out", str(tmp_path / "run"), *(["--debug"] * debug)])
+    code = main(["run", str(QUICKSTART), "--out", str(tmp_path / "run"), "--quiet",
+                 *(["--debug"] * debug)])
     err = capsys.readouterr().err
     assert code == 1 and "\x1b" not in err
     assert "simdist: internal error: ValueError: bad shape" in err, err

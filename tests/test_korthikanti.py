@@ -13,18 +13,19 @@ Per-layer saved bytes of one GPT block, 16-bit activations, 1-byte dropout masks
              output (fc2 input) 8sbh; dropout mask sbh
   together   34sbh + 5as^2b = sbh(34 + 5as/h), the paper's eq. 1
 
-  plus what the paper neglects: LayerNorm mean and rstd, [s, b, 1] each in the activation dtype,
-  two LayerNorms: 8sb (replicated without SP, 8sb/t on sequence shards with SP).
+  plus what the paper neglects: LayerNorm mean and rstd, [s, b, 1] each in fp32 (the CUDA
+  kernel's accumulate type; simdist/mode/cuda.py), two LayerNorms: 16sb (replicated without SP,
+  16sb/t on sequence shards with SP).
 
 - TP: colwise qkv/fc1 and rowwise proj/fc2 shard everything between them by heads or MLP width:
   Q, K, V 6, proj input 2, fc1 output 8, gelu output 8 -> 24sbh/t, and 5as^2b/t. The rest, 10sbh
-  (LN1 in 2, qkv in 2, mask 1, LN2 in 2, fc1 in 2, mask 1), is replicated. Exact: + 8sb.
+  (LN1 in 2, qkv in 2, mask 1, LN2 in 2, fc1 in 2, mask 1), is replicated. Exact: + 16sb.
 - TP + SP: the LayerNorms, dropouts and residual adds run on [s/t, b, h] sequence shards, so the
   10sbh become 10sbh/t, the inputs of qkv and fc1 included: like Megatron (paper, section
   4.2.3) the GPT plan keeps only the rank's 2sbh/t shard of those and all-gathers it again in
   backward (simdist.parallel.checkpointing.regather_in_backward: selective checkpointing that
   recomputes only the all-gather). Plain DTensor TP + SP (the llama3 plan, torchtitan's) would
-  keep the gathered [s, b, h] input, +4sbh(1 - 1/t). Exact: (sbh/t)(34 + 5as/h) + 8sb/t.
+  keep the gathered [s, b, h] input, +4sbh(1 - 1/t). Exact: (sbh/t)(34 + 5as/h) + 16sb/t.
 - selective recompute (the attention core, Korthikanti): the 5as^2b term goes, the rest stays.
 - full recompute: only the block input, 2sbh; with SP the block input is the rank's sequence
   shard, 2sbh/t.
@@ -59,11 +60,11 @@ def per_layer_saved(t: int, sp: bool, ac: str) -> int:
 
 # row -> (sp, ac, Table 2 formula, exact bytes of the code: formula + the residual derived above)
 ROWS = {
-    "no parallelism": (False, "none", lambda t: SBH * (34 + 5 * A * S / H), lambda t: 8 * SB),
-    "TP": (False, "none", lambda t: SBH * (10 + 24 / t + 5 * A * S / (H * t)), lambda t: 8 * SB),
-    "TP + selective": (False, "selective", lambda t: SBH * (10 + 24 / t), lambda t: 8 * SB),
-    "TP + SP": (True, "none", lambda t: SBH / t * (34 + 5 * A * S / H), lambda t: 8 * SB / t),
-    "TP + SP + selective": (True, "selective", lambda t: 34 * SBH / t, lambda t: 8 * SB / t),
+    "no parallelism": (False, "none", lambda t: SBH * (34 + 5 * A * S / H), lambda t: 16 * SB),
+    "TP": (False, "none", lambda t: SBH * (10 + 24 / t + 5 * A * S / (H * t)), lambda t: 16 * SB),
+    "TP + selective": (False, "selective", lambda t: SBH * (10 + 24 / t), lambda t: 16 * SB),
+    "TP + SP": (True, "none", lambda t: SBH / t * (34 + 5 * A * S / H), lambda t: 16 * SB / t),
+    "TP + SP + selective": (True, "selective", lambda t: 34 * SBH / t, lambda t: 16 * SB / t),
     "full recompute": (False, "full", lambda t: 2 * SBH, lambda t: 0),
     "full recompute + SP": (True, "full", lambda t: 2 * SBH / t, lambda t: 0),
 }

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel as loss_parallel_ctx
 from simdist.mode.collectives import CollectiveRecorder
 from simdist.mode.kernels import KernelStream, fsdp_streams
 from simdist.mode.context import StepContext
+from simdist.mode.cuda import cuda_semantics
 from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.mode.ops import OpCounter
 from simdist.mode.streams import summarize
@@ -90,8 +91,10 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
                 mem.mark_saved(t)
 
     try:
-        with ctx.mod_tracker, colls, ops, mem, observe_checkpoint_inputs(checkpoint_inputs), \
-                fsdp_streams(ctx):
+        # CUDA's kernels for F.scaled_dot_product_attention, F.rms_norm, F.dropout and LayerNorm's
+        # statistics (mode/cuda.py), entered first: the recorders see the ops a GPU runs.
+        with cuda_semantics(ctx), ctx.mod_tracker, colls, ops, mem, \
+                observe_checkpoint_inputs(checkpoint_inputs), fsdp_streams(ctx):
             yield colls, ops, mem, ctx.kernels
     finally:
         ctx.kernels = None

@@ -15,7 +15,7 @@ from simdist.parallel.data_parallel import apply_ddp, apply_fsdp
 from simdist.parallel.expert_parallel import apply_ep
 from simdist.layout import DP_SHARD_CP, EP_DIMS, MESH_ORDER, MeshLayout
 from simdist.parallel.zero import apply_zero_params
-from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3
+from simdist.parallel.tensor_parallel import apply_tp_gpt, apply_tp_llama3, apply_tp_plan
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,20 @@ def parallelize_moe(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> N
     apply_ac(model, plan.activation_checkpointing)
     apply_data_parallel(model, mesh, plan)
 
+
+def parallelize_hf(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    """A Hugging Face model in simdist's adapter (simdist/models/hf.py): TP from the model's own
+    `_tp_plan` (checked by the planner: colwise, rowwise, embedding_rowwise,
+    colwise_gather_output), checkpointing and FSDP2 per decoder block (`simdist_blocks`)."""
+    if plan.layout.degree("tp") > 1:
+        apply_tp_plan(model.hf, mesh["tp"], tuple((model.hf._tp_plan or {}).items()),
+                      plan.loss_parallel)
+    apply_ac(model, plan.activation_checkpointing)
+    apply_data_parallel(model, mesh, plan)
+
+
+def parallelize_custom(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
+    """A user entrypoint's model: checkpointing and data parallelism per block (`model.blocks`
+    in the config, else `layers`); no TP plan."""
+    apply_ac(model, plan.activation_checkpointing)
+    apply_data_parallel(model, mesh, plan)

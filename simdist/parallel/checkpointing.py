@@ -24,6 +24,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils._pytree import tree_iter
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from simdist.parallel.blocks import block_container, block_items
+
 _observers: list[Callable[[tuple], None]] = []
 
 aten = torch.ops.aten
@@ -89,13 +91,14 @@ def _checkpointed_method(fn: Callable) -> Callable:
 def apply_ac(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
-    for name, block in list(model.layers.items()):
+    container = block_container(model)
+    for name, block in block_items(model):
         if mode == "full" or (mode == "layer" and int(name) % 2 == 0):
-            model.layers[name] = _wrap_block(block)
+            container[name] = _wrap_block(block)
         elif mode == "layer":
             continue
         elif mode == "op":
-            model.layers[name] = _wrap_block(block, context_fn=_op_sac_context)
+            container[name] = _wrap_block(block, context_fn=_op_sac_context)
         elif mode == "selective":
             cores = [m for m in block.modules() if hasattr(m, "core_attention")]
             if not cores:

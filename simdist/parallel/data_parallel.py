@@ -11,6 +11,8 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from simdist.parallel.blocks import block_items
+
 
 def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
     # bf16 compute copies, fp32 gradient reduction: torchtitan's default policy.
@@ -24,7 +26,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
     torchtitan keeps blocks unsharded between forward and backward (every micro-batch would
     re-gather them otherwise): `reshard_after_forward=False`."""
     mp = mixed_precision(param_dtype)
-    blocks = list(model.layers.values())
+    blocks = [block for _, block in block_items(model)]
     for i, block in enumerate(blocks):
         if expert_mesh is not None:
             # expert-parallel experts: their own unit over the ranks holding the same experts
@@ -42,7 +44,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype,
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype) -> None:
     """Replicated parameters, gradients all-reduced per block (DDP buckets = FSDP2 groups)."""
     mp = mixed_precision(param_dtype)
-    for block in model.layers.values():
+    for _, block in block_items(model):
         replicate(block, mesh=dp_mesh, mp_policy=mp)
     replicate(model, mesh=dp_mesh, mp_policy=mp)
 

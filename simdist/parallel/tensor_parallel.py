@@ -143,4 +143,55 @@ def apply_tp_gpt(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool,
             block.mlp.fc1 = regather_in_backward(block.mlp.fc1)
 
 
-__all__ = ["apply_tp_gpt", "apply_tp_llama3", "torch"]
+# A model's own TP plan (Hugging Face `_tp_plan`: module glob -> style name) in DTensor styles.
+def tp_style(style: str, loss_parallel: bool) -> object | None:
+    """The DTensor style for a Hugging Face TP style name; None where there is none here."""
+    if style == "colwise":
+        return ColwiseParallel()
+    if style == "rowwise":
+        return RowwiseParallel()
+    if style == "embedding_rowwise":  # vocab-sharded embedding, output all-reduced
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if style == "colwise_gather_output":  # the head: logits kept vocab-sharded for loss_parallel
+        return ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                               use_local_output=not loss_parallel)
+    return None
+
+
+def unsupported_tp_styles(plan: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    return [(glob, style) for glob, style in plan if tp_style(style, True) is None]
+
+
+def _glob_match(glob: str, name: str) -> bool:
+    parts, names = glob.split("."), name.split(".")
+    return len(parts) == len(names) and all(p in ("*", n) for p, n in zip(parts, names))
+
+
+def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: tuple[tuple[str, str], ...],
+                  loss_parallel: bool = True) -> None:
+    """Apply a model's own TP plan (`*` matches one path segment, a block index). Weights tied
+    before (embedding and head) are tied again when both got the same placement."""
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    styles: dict[str, object] = {}
+    for name, _ in model.named_modules():
+        for glob, style in plan:
+            if _glob_match(glob, name):
+                styles[name] = tp_style(style, loss_parallel)
+                break
+    parallelize_module(model, tp_mesh, styles)
+    for names in tied.values():
+        if len(names) < 2:
+            continue
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            module = model.get_submodule(owner)
+            if getattr(getattr(module, attr), "placements", None) == getattr(first, "placements",
+                                                                            None):
+                setattr(module, attr, first)
+
+
+__all__ = ["apply_tp_gpt", "apply_tp_llama3", "apply_tp_plan", "tp_style",
+           "unsupported_tp_styles", "torch"]

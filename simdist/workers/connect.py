@@ -106,3 +106,40 @@ def bounded_join():  # noqa: ANN201
             os.close(saved)
             if set_env:
                 os.environ.pop(env, None)
+
+
+@contextmanager
+def native_stderr_kept_apart(enabled: bool = True):  # noqa: ANN201
+    """While inside: what Ray's C++ core writes to file descriptor 2 (its own log lines, e.g.
+    "task_manager.cc: Failed to push error to driver" when a node dies) goes to a temporary
+    file, while Python's sys.stderr keeps writing where stderr went; so a failure is the one
+    line simdist prints. `enabled=False` (--debug): everything stays on stderr."""
+    import os
+    import sys
+    import tempfile
+
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr: nothing to separate
+        fd = None
+    if fd != 2:
+        yield
+        return
+    saved = os.dup(2)
+    old = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=old.encoding,  # noqa: SIM115
+                          errors=old.errors)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = old
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -113,12 +113,21 @@ class ActorPool:
             except asyncio.TimeoutError:  # its str() is empty: say which rank and which key
                 if not fut.done():
                     fut.set_exception(RankTimeout(_call_rank(call), self._timeout_s))
+                # The actor is still busy with the call (an actor runs its calls one at a
+                # time): every later call would queue behind it. Replace it.
+                actor = self._replace(actor)
             except Exception as e:  # noqa: BLE001 - delivered to whoever awaits the call
                 if not fut.done():
                     fut.set_exception(e)
             else:
                 if not fut.done():
                     fut.set_result(result)
+
+    def _replace(self, actor: Any) -> Any:
+        ray.kill(actor, no_restart=True)
+        new = start_workers(1)[0]
+        self.actors = [new if a is actor else a for a in self.actors]
+        return new
 
     async def _call(self, actor: Any, call: tuple) -> Any:
         kind, *args = call
