@@ -152,7 +152,8 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
         p = placed[key_of[rank]]
         count = tr.ops["count"].to_numpy(zero_copy_only=False)
         ops_t.append(_with_class(tr.ops, cid, {"est_time_s": (op_t[cid] * count).tolist()}))
-        coll_t.append(_with_class(tr.collectives, cid, {"est_time_s": p.coll_t.tolist()}))
+        calls = tr.collectives["count"].to_numpy(zero_copy_only=False)
+        coll_t.append(_with_class(tr.collectives, cid, {"est_time_s": (p.coll_t * calls).tolist()}))
         mem_t.append(_with_class(tr.memory, cid))
         ker_t.append(_with_class(tr.kernels, cid, {"est_time_s": p.durations.tolist()}))
 
