@@ -1,4 +1,4 @@
-"""Unit tests for simdist.costmodel: presets, roofline, collectives, step combiner, MFU."""
+"""Unit tests for simdist.costmodel: presets, roofline, ring collectives, MFU."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ from simdist.costmodel import (
     PRESETS,
     GPUSpec,
     InvalidGPUSpec,
-    StepTime,
     UnknownGPU,
     collective_time,
-    combine,
     gpu_spec,
     group_link_bw,
     mfu,
@@ -249,33 +247,7 @@ def test_group_link_bw():
         group_link_bw(h, [0, 1], 0)
 
 
-# ---------------------------------------------------------------- schedule
-
-def test_combine_hand_example():
-    compute = {"fwd": 1.0, "bwd": 2.0, "optim": 0.1}
-    comm = {"fwd": 0.5, "bwd": 2.5, "optim": 0.05}
-    st = combine(compute, comm, bubble_s=0.3)
-    assert isinstance(st, StepTime)
-    assert st.compute_s == approx(3.1)
-    assert st.comm_s == approx(3.05)
-    # fwd hidden entirely, bwd exposes 0.5, optim fully exposed 0.05
-    assert st.exposed_comm_s == approx(0.55)
-    assert st.bubble_s == 0.3
-    assert st.step_s == approx(3.1 + 0.55 + 0.3)
-
-
-def test_combine_no_overlap_and_missing_phase():
-    compute = {"fwd": 1.0, "bwd": 2.0}
-    comm = {"fwd": 0.5, "bwd": 1.0, "optim": 0.2}
-    st = combine(compute, comm, overlappable=())
-    assert st.exposed_comm_s == approx(1.7)
-    assert st.step_s == approx(4.7)
-    st = combine({"fwd": 1.0}, {"bwd": 0.4})  # comm in an overlappable phase with no compute
-    assert st.exposed_comm_s == approx(0.4)
-    assert combine({}, {}).step_s == 0.0
-    with pytest.raises(ValueError):
-        combine({"fwd": -1.0}, {})
-
+# ---------------------------------------------------------------- utilisation
 
 def test_mfu():
     # 64 GPUs, 312 TF/s, 1 s step, 64 * 156e12 model FLOPs -> 50 %

@@ -1,5 +1,6 @@
-"""Time model: hardware presets, calibration table, kernel times per op class, NCCL-style
-collective times, op roofline, step combiner.
+"""Time model: hardware presets, the calibration table, kernel times per op class, NCCL-style
+collective times, the pricing of recorded rows, the event simulation of a step (step_sim), and
+utilisation. (roofline.py: the single-factor op estimate the dispatch cache's cost rows keep.)
 
 A library: it imports nothing else from simdist.
 """
@@ -23,7 +24,7 @@ from simdist.costmodel.collectives import (
 from simdist.costmodel.hardware import PRESETS, GPUSpec, InvalidGPUSpec, UnknownGPU, gpu_spec
 from simdist.costmodel.kernels import OpClass, kernel_times, op_class
 from simdist.costmodel.roofline import KERNEL_LAUNCH_FLOOR_S, op_time, op_times
-from simdist.costmodel.schedule import StepTime, combine, mfu, pipeline_bubble
+from simdist.costmodel.utilisation import mfu
 
 __all__ = [
     "CALIBRATION_SCHEMA",
@@ -42,15 +43,12 @@ __all__ = [
     "InvalidGPUSpec",
     "KERNEL_LAUNCH_FLOOR_S",
     "PRESETS",
-    "StepTime",
     "UnknownGPU",
     "collective_time",
-    "combine",
     "gpu_spec",
     "group_link_bw",
     "link_bw",
     "mfu",
     "op_time",
     "op_times",
-    "pipeline_bubble",
 ]
