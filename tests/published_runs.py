@@ -72,7 +72,35 @@ TORCHTITAN = [
     _torchtitan("Llama 3 70B, full AC", "llama3-70b", "full", 331),
 ]
 
-ROWS = NARAYANAN + TORCHTITAN
+
+
+def _megatron_core(size: str, layers: int, hidden: int, heads: int, tp: int, gpus: int,
+                   batch: int, mfu: float) -> PublishedRun:
+    dp = gpus // tp
+    return PublishedRun(
+        name=f"Megatron-Core r0.8 {size}", source="NVIDIA/Megatron-LM README, weak scaling on H100",
+        config={"model": {"preset": "gpt", "n_layers": layers, "dim": hidden, "n_heads": heads,
+                          "vocab_size": 131072},
+                "training": {"seq_len": 4096, "micro_batch": 1, "global_batch": batch,
+                             "grad_sync": "per_step", "compile": True},
+                "parallel": {"tp": tp, "dp_replicate": dp, "dp_shard": 1,
+                             "sequence_parallel": tp > 1},
+                "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": gpus // 8}},
+        metric="mfu_megatron", published=mfu, fully_specified=False, slow=True,
+        assumptions="unstated micro-batch 1, no recompute, DDP (the distributed optimizer's "
+                    "sharding not modelled), Transformer Engine's fused kernels as "
+                    "training.compile, flash attention, sequence parallel with TP",
+        extra={"layers": layers, "hidden": hidden, "vocab": 131072, "seq": 4096})
+
+
+MEGATRON_CORE = [
+    _megatron_core("1.7B", 24, 2048, 16, 1, 48, 192, 0.41),
+    _megatron_core("7.1B", 30, 4096, 32, 2, 96, 192, 0.47),
+    _megatron_core("16B", 32, 6144, 48, 4, 192, 192, 0.49),
+    _megatron_core("32B", 48, 7168, 56, 8, 384, 192, 0.46),
+]
+
+ROWS = NARAYANAN + TORCHTITAN + MEGATRON_CORE
 
 
 def narayanan_tflops(run: PublishedRun, step_s: float) -> float:
@@ -89,4 +117,11 @@ def predicted(run: PublishedRun, summary: dict) -> float:
         return narayanan_tflops(run, summary["step_time_s"])
     if run.metric == "tokens_per_s_per_gpu":
         return summary["tokens_per_s_per_gpu"]
+    if run.metric == "mfu_megatron":  # 72 B s L h^2 (1 + s/6h + V/12Lh) over 989 TF/s
+        e = run.extra
+        b, s, l, h, v = (run.config["training"]["global_batch"], e["seq"], e["layers"],
+                         e["hidden"], e["vocab"])
+        flops = 72 * b * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+        gpus = run.config["cluster"]["nodes"] * run.config["cluster"]["gpus_per_node"]
+        return flops / summary["step_time_s"] / gpus / 989e12
     raise ValueError(run.metric)
