@@ -29,6 +29,11 @@ def tensor_bytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tree_iter(tree) if isinstance(t, torch.Tensor))
 
 
+def shape_text(t: torch.Tensor) -> str:
+    """"AxB:dtype", how op rows name a tensor argument (the kernel model parses it)."""
+    return "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}"
+
+
 def launches_kernel(func: Any, out: Any) -> bool:
     """False for views, metadata, allocation and collective ops, and ops without a tensor
     output: they move no data."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,17 +50,11 @@ class ClusterPlan:
         """Write the run directory atomically: build it beside the target, then rename. Only a
         new path, an empty directory or a previous run directory is replaced (simdist.rundir);
         anything else raises ConfigError before a file is written."""
-        from simdist.rundir import check_out
+        from simdist.rundir import check_out, install, staging_dir
 
         out = check_out(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = staging_dir(out)
         try:
-            # mkdtemp makes the directory private (0700); a run directory gets the permissions
-            # of an ordinary mkdir, so that others sharing the filesystem can read the results.
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)
             (tmp / "plan.json").write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
             pq.write_table(self.ranks, tmp / "ranks.parquet")
             pq.write_table(self.ops, tmp / "ops.parquet")
@@ -69,22 +62,10 @@ class ClusterPlan:
             pq.write_table(self.memory, tmp / "memory.parquet")
             pq.write_table(self.kernels, tmp / "kernels.parquet")
             (tmp / "timeline.json").write_text(json.dumps(self.timeline) + "\n")
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                os.replace(out, old / out.name)
-                try:
-                    os.replace(tmp, out)
-                except BaseException:  # put the previous run back rather than lose it
-                    os.replace(old / out.name, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            return install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return out
 
 
 def _with_class(table: pa.Table, class_id: int, extra: dict[str, list] | None = None) -> pa.Table:

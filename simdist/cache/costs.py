@@ -1,4 +1,4 @@
-"""Cost rows: (op key, hardware profile) -> FLOPs, bytes read / written, roofline time.
+"""Cost rows: (op key, hardware profile) -> FLOPs, bytes read / written, estimated time.
 
 The op key is a dispatch-cache `key_id`: one exact launch (op, overload, input metadata,
 scalars). FLOPs and bytes follow the op counter's rule (simdist/opcount.py): views, metadata and
@@ -17,8 +17,8 @@ from torch.utils._pytree import tree_iter
 
 from simdist.cache import schema as S
 from simdist.cache.codec import TORCH_VERSION, Unencodable, meta_tensor, rebuild_args
-from simdist.costmodel import GPUSpec, op_time
-from simdist.opcount import bytes_read, kernel_flops, launches_kernel, tensor_bytes
+from simdist.costmodel import GPUSpec, kernel_times
+from simdist.opcount import bytes_read, kernel_flops, launches_kernel, shape_text, tensor_bytes
 
 
 def _out_tensor(info: ft._DispatchCacheEntryOutputInfo, args: tuple) -> object:
@@ -28,13 +28,6 @@ def _out_tensor(info: ft._DispatchCacheEntryOutputInfo, args: tuple) -> object:
     if md is None:
         return info.constant_value
     return torch.empty_strided(md.shape, md.stride, dtype=md.dtype, device="meta")
-
-
-def _dtype_name(args: object) -> str:
-    for t in tree_iter(args):
-        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
-            return str(t.dtype).removeprefix("torch.")
-    return "fp32"
 
 
 def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
@@ -59,11 +52,13 @@ def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
         return None
     written = tensor_bytes(out)
     read = bytes_read(func, args, kwargs)
-    dtype = _dtype_name(args)
-    try:
-        est = op_time(flops, read + written, gpu, dtype=dtype, is_matmul=flops > 0)
-    except (KeyError, ValueError):
-        est = op_time(flops, read + written, gpu, dtype="fp32", is_matmul=flops > 0)
+    # One launch, timed by the kernel model the merge uses (costmodel/kernels.py).
+    shapes = ";".join(shape_text(t) for t in tree_iter((args, kwargs))
+                      if isinstance(t, torch.Tensor))
+    op = str(func._overloadpacket).removeprefix("aten.")
+    est = float(kernel_times({"op": [op], "phase": [""], "module": [""], "shapes": [shapes],
+                              "count": [1], "flops": [flops], "bytes": [read + written]},
+                             gpu)[0])
     return dict(key_id=kid, hardware=gpu.name, op=str(func._overloadpacket), flops=flops, bytes_read=read,
                 bytes_written=written, est_time_s=est, measured_time_s=None,
                 updated=time.time() if now is None else now)

@@ -20,7 +20,7 @@ Dispatch entries (one row per `_DispatchCacheKey -> _DispatchCacheEntry` of
   tensor; `constant`: a non-tensor output, int / bool / None);
 * bookkeeping: `created`, `last_used` (unix seconds, drives LRU eviction), `uses`.
 
-Cost rows (keyed by `key_id` x `hardware`): flops, bytes read / written, the roofline estimate
+Cost rows (keyed by `key_id` x `hardware`): flops, bytes read / written, the kernel model's estimate
 and an optional measured time (for calibration).
 
 Both tables carry in their schema metadata the schema version and the torch version that made

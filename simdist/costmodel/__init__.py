@@ -15,15 +15,11 @@ from simdist.costmodel.collectives import (
     COLLECTIVE_KINDS,
     CollectiveEstimate,
     Placement,
-    collective_time,
     collective_times,
-    group_link_bw,
-    link_bw,
     nccl_collective,
 )
 from simdist.costmodel.hardware import PRESETS, GPUSpec, InvalidGPUSpec, UnknownGPU, gpu_spec
 from simdist.costmodel.kernels import OpClass, kernel_times, op_class
-from simdist.costmodel.roofline import KERNEL_LAUNCH_FLOOR_S, op_time, op_times
 from simdist.costmodel.utilisation import mfu
 
 __all__ = [
@@ -41,14 +37,8 @@ __all__ = [
     "op_class",
     "GPUSpec",
     "InvalidGPUSpec",
-    "KERNEL_LAUNCH_FLOOR_S",
     "PRESETS",
     "UnknownGPU",
-    "collective_time",
     "gpu_spec",
-    "group_link_bw",
-    "link_bw",
     "mfu",
-    "op_time",
-    "op_times",
 ]

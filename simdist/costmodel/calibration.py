@@ -86,7 +86,7 @@ def _rows() -> list[tuple[str, str, float, str]]:
     add("*", "hbm_fraction", 0.80, "STREAM-like copy kernels reach 80-90% of datasheet HBM "
         "bandwidth (BabelStream on A100/H100); the conservative end, as hardware.py")
     add("*", "launch_floor_s", 2e-6, "minimum duration of a CUDA kernel in a launched stream "
-        "(2-5 us host launch, pipelined behind running kernels); the low end, as roofline.py")
+        "(2-5 us host launch, pipelined behind running kernels); the low end")
     add("*", "foreach_chunk_elems", 65536, f"{_MTA}: kChunkSize")
     add("*", "foreach_max_blocks", 320, f"{_MTA}: depth_to_max_blocks")
     for depth, n in zip(range(1, 6), (110, 64, 48, 36, 30)):

@@ -20,8 +20,9 @@ Where the numbers come from
   200 Gb/s HDR (Selene, the Megatron calibration cluster) = 25e9; H100/H200/B200/MI300X
   400 Gb/s NDR / 400 GbE = 50e9 (VALIDATION.md).
 
-Efficiency factors (one global factor each; a first model, not a calibrated one)
---------------------------------------------------------------------------------
+Efficiency factors (one global factor each) -- read only by `simdist search`'s analytical prior,
+which orders candidate plans; step times come from the calibration table (calibration.py)
+-------------------------------------------------------------------------------------------
 * ``matmul_efficiency`` 0.75: VALIDATION.md reports large bf16 GEMMs reach about 70-80 % of
   peak on H100; we take the middle. Small or skinny GEMMs do much worse; a realistic model
   needs per-shape curves (future work).

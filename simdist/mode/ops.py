@@ -15,13 +15,12 @@ from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
-from simdist.opcount import is_write_only, kernel_flops, launches_kernel
+from simdist.opcount import is_write_only, kernel_flops, launches_kernel, shape_text
 from simdist.trace import OpEvent, OpHead, OpItem
 
 def _items(args: Any, out: Any) -> tuple[OpItem, ...]:
     """An OpItem per tensor argument, then one per output."""
-    items = [OpItem("a", "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}",
-                    t.numel() * t.element_size())
+    items = [OpItem("a", shape_text(t), t.numel() * t.element_size())
              for t in tree_iter(args) if isinstance(t, torch.Tensor)]
     items += [OpItem("o", "", t.numel() * t.element_size())
               for t in tree_iter(out) if isinstance(t, torch.Tensor)]
