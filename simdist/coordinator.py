@@ -258,12 +258,12 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
         if cache_warnings:
             cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
-        # --- end shared dispatch cache ---
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     t = cfg.training
     phases(f"merging {len(traces)} class(es) into {run.layout.world_size} rank rows")
+    model = build_model(run.spec, "meta")
     summary = dict(
-        num_params=count_params(build_model(run.spec, "meta")),
+        num_params=count_params(model),
         config=cfg.to_dict(),
         simdist_version=simdist.__version__,
         torch_version=torch.__version__,
@@ -272,7 +272,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         execution=dict(ray_address=ray_address, nodes=len(nodes), cluster_nodes=cluster_nodes,
                        actors=n_actors, exhaustive=run.exhaustive),
     )
-    summary["flops_per_token"] = flops_per_token(run.spec, t.seq_len)
+    summary["flops_per_token"] = flops_per_token(run.spec, t.seq_len, model)
     plan = merge(run, traces, summary, calibration_for(cfg))
     plan.summary["sim_wall_s"] = time.perf_counter() - t0
     return plan

@@ -157,16 +157,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(spec: ModelSpec, seq_len: int) -> dict[str, int]:
+def flops_per_token(spec: ModelSpec, seq_len: int,
+                    model: nn.Module | None = None) -> dict[str, int]:
     """Model FLOPs per token in the published MFU conventions, from the model built on meta:
     torchtitan's 6*(N - N_embedding) + 12*L*H*Q*T and PaLM's 6*N + 12*L*H*Q*T (N parameters,
     L layers, H heads, Q head dim, T sequence length). Empty where the model has no such
-    shape (a user model without n_layers / n_heads / dim)."""
+    shape (a user model without n_layers / n_heads / dim). `model`: the spec built on meta,
+    where the caller has it."""
     args = spec.args
     layers, heads, dim = (getattr(args, k, None) for k in ("n_layers", "n_heads", "dim"))
     if not (layers and heads and dim):
         return {}
-    model = build_model(spec, "meta")
+    model = model if model is not None else build_model(spec, "meta")
     n = count_params(model)
     emb = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
               for p in m.parameters(recurse=False))

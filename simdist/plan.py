@@ -206,9 +206,6 @@ def _pipelines(run: RunPlan, placed: dict[tuple, _Placed], key_of: list,
     if pp == 1:
         return step, bubble
     stride = layout.strides()["pp"]
-    stages = run.cfg.parallel.stages
-    per_rank = run.cfg.parallel.stages_per_rank
-    stage_rank = {s: s % pp for s in range(stages)}
     done: dict[tuple, dict[int, tuple[float, float]]] = {}
     for first in range(stride):  # the pp-0 rank of every pipeline
         members = [first + p * stride for p in range(pp)]
@@ -220,12 +217,9 @@ def _pipelines(run: RunPlan, placed: dict[tuple, _Placed], key_of: list,
                 acts[p] = res.actions
                 pre[p] = res.actions[0].start if res.actions else 0.0
                 post[p] = res.step_s - (res.actions[-1].end if res.actions else 0.0)
-            # A stage's action includes the wait for its receive (the recv is issued before
-            # the action and read by its first op): no separate transfer term.
-            done[key] = pipeline_makespan(acts, {}, pre, post, stage_rank)
+            done[key] = pipeline_makespan(acts, pre, post, run.cfg.parallel.stages)
         for p, m in enumerate(members):
             step[m], bubble[m] = done[key][p]
-    del per_rank
     return step, bubble
 
 

@@ -191,16 +191,14 @@ def _contended(d: float, start: float, busy: dict[str, tuple[float, float]]) -> 
     return overlap + (d - overlap / factor)
 
 
-def pipeline_makespan(actions: dict[int, list[Action]], transfer_s: dict[int, float],
-                      pre_s: dict[int, float], post_s: dict[int, float],
-                      stage_rank: dict[int, int]) -> dict[int, tuple[float, float]]:
+def pipeline_makespan(actions: dict[int, list[Action]], pre_s: dict[int, float],
+                      post_s: dict[int, float], num_stages: int) -> dict[int, tuple[float, float]]:
     """(step seconds, bubble seconds) of every pp rank. `actions[r]`: rank r's actions in its
-    order, with their durations (end - start of the rank's own simulation); `transfer_s[s]`:
-    seconds to move a micro-batch's activation (or gradient) between stage s and s + 1;
-    `pre_s` / `post_s`: the rank's time before its first and after its last action (FSDP2's
-    first all-gathers; the deferred reductions and the optimizer); `stage_rank[s]`: the pp rank
-    holding stage s."""
-    num_stages = len(stage_rank)
+    order, with their durations (end - start of the rank's own simulation; an action includes
+    the wait for its receive, which the schedule issues before it and its first op reads, so
+    the transfer between stages is in it); `pre_s` / `post_s`: the rank's time before its first
+    and after its last action (FSDP2's first all-gathers; the deferred reductions and the
+    optimizer)."""
     finish: dict[tuple, float] = {}
     cursor = {r: 0 for r in actions}
     clock = {r: pre_s.get(r, 0.0) for r in actions}
@@ -214,10 +212,7 @@ def pipeline_makespan(actions: dict[int, list[Action]], transfer_s: dict[int, fl
                 dep = _dependency(a, num_stages)
                 if dep is not None and dep not in finish:
                     break
-                ready = clock[r]
-                if dep is not None:
-                    hop = transfer_s.get(min(a.stage, dep[1]), 0.0) if dep[1] != a.stage else 0.0
-                    ready = max(ready, finish[dep] + hop)
+                ready = clock[r] if dep is None else max(clock[r], finish[dep])
                 dur = a.end - a.start
                 clock[r] = ready + dur
                 busy[r] += dur
