@@ -86,8 +86,9 @@ class CollectiveRecorder(TorchDispatchMode):
         # Point-to-point: the peer's rank within the group (c10d.send/recv_ take it as the only
         # int argument); -1 for collectives.
         peer = next((a for a in args if type(a) is int), -1) if kind in ("send", "recv") else -1
+        module = self.ctx.module()
         if self.ctx.kernels is not None:
-            self.ctx.kernels.on_collective(args, out, dim)
-        self.events.append(CollectiveEvent(name, kind, dim, size, nbytes, self.ctx.phase, self.ctx.module(),
-                            peer, self.ctx.weight))
+            self.ctx.kernels.on_collective(args, out, dim, module)
+        self.events.append(CollectiveEvent(name, kind, dim, size, nbytes, self.ctx.phase, module,
+                                           peer, self.ctx.weight))
         return out

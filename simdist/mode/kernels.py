@@ -67,10 +67,14 @@ class KernelStream:
                 weakref.finalize(st, self._written.pop, key, None)
             self._written[key] = index
 
-    def _append(self, kind: str, stream: str, label: str = "", waited: int = -1) -> None:
+    def _append(self, kind: str, stream: str, label: str = "", waited: int = -1,
+                module: Any = None) -> None:
         # FSDP2's post-backward of a unit belongs to the unit, also where it runs outside the
         # unit's backward (the pipeline's deferred reductions).
-        module = self.unit if self.unit is not None else self.ctx.module()
+        if self.unit is not None:
+            module = self.unit
+        elif module is None:
+            module = self.ctx.module()
         index = len(self.events)
         wait_module, wait_stream, wait_back = "", "", 0
         if waited == _WAITS_ALL:
@@ -84,7 +88,8 @@ class KernelStream:
         self.events.append(KernelEvent(kind, self.ctx.phase, module, stream, wait_module,
                                        wait_stream, wait_back, self.ctx.weight, label))
 
-    def on_op(self, args: Any, out: Any) -> None:
+    def on_op(self, args: Any, out: Any, module: Any = None) -> None:
+        """`module`: the running module, where the notifying recorder computed it already."""
         stream, index, waited = self.ctx.stream, len(self.events), -1
         if stream == COMPUTE:
             found = {self._written.pop(st._cdata) for st in _storages(args)
@@ -96,7 +101,7 @@ class KernelStream:
                 self._written.pop(st._cdata, None)
         else:
             self._writes((args, out), index)
-        self._append("op", stream, waited=waited)
+        self._append("op", stream, waited=waited, module=module)
 
     def on_wait(self, args: Any, out: Any) -> None:
         """A functional collective's `wait_tensor`: its result (under fake tensors a new
@@ -109,9 +114,9 @@ class KernelStream:
                     weakref.finalize(st, self._written.pop, key, None)
                 self._written[key] = max(found)
 
-    def on_collective(self, args: Any, out: Any, mesh_dim: str) -> None:
+    def on_collective(self, args: Any, out: Any, mesh_dim: str, module: Any = None) -> None:
         self._writes((args, out), len(self.events))
-        self._append("coll", mesh_dim)
+        self._append("coll", mesh_dim, module=module)
 
     def mark(self, label: str) -> None:
         """A point of the schedule (a pipeline action's begin / end)."""

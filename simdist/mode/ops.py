@@ -50,5 +50,5 @@ class OpCounter(TorchDispatchMode):
                       is_write_only(func))
         self.events.append(OpEvent(head, _items(args, out)))
         if self.ctx.kernels is not None:
-            self.ctx.kernels.on_op((args, kwargs), out)
+            self.ctx.kernels.on_op((args, kwargs), out, head.module)
         return out
