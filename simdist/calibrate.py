@@ -179,14 +179,14 @@ def _row(role: str, kind: str, params: tuple, func, args: tuple, out) -> dict:  
     import torch
     from torch.utils._pytree import tree_iter
 
-    from simdist.opcount import bytes_read, kernel_flops, tensor_bytes
+    from simdist.opcount import bytes_read, kernel_flops, tensor_bytes, written
 
     shapes = ";".join("x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}"
                       for t in tree_iter(args) if isinstance(t, torch.Tensor))
     return {"role": role, "case": kind, "params": list(params),
             "op": str(func._overloadpacket).removeprefix("aten."), "shapes": shapes,
             "flops": kernel_flops(func, args, {}, out),
-            "bytes": bytes_read(func, args, {}) + tensor_bytes(out)}
+            "bytes": bytes_read(func, args, {}) + tensor_bytes(written(func, args, {}, out))}
 
 
 def describe(cases: Iterable[tuple[str, str, tuple]], device: str = "meta") -> list[dict]:

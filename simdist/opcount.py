@@ -34,15 +34,28 @@ def shape_text(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape)) + f":{str(t.dtype).removeprefix('torch.')}"
 
 
-def launches_kernel(func: Any, out: Any) -> bool:
-    """False for views, metadata, allocation and collective ops, and ops without a tensor
-    output: they move no data."""
+def written(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Any:
+    """The tensors the kernel writes: its outputs, or, for an in-place op that returns nothing
+    (`_foreach_mul_`, `_foreach_addcdiv_`: the optimizer's foreach kernels), the arguments its
+    schema marks as written (`Tensor(a!)[] self`)."""
+    if any(isinstance(t, torch.Tensor) for t in tree_iter(out)):
+        return out
+    schema = func._schema.arguments
+    named = dict(zip((a.name for a in schema), args)) | kwargs
+    return [named[a.name] for a in schema
+            if a.alias_info is not None and a.alias_info.is_write and a.name in named]
+
+
+def launches_kernel(func: Any, out: Any, args: tuple = (), kwargs: dict | None = None) -> bool:
+    """False for views, metadata, allocation and collective ops, and ops that neither return
+    a tensor nor write one in place: they move no data."""
     if not isinstance(func, torch._ops.OpOverload) or func.is_view \
             or func.namespace in SKIP_NAMESPACES:
         return False
     if func._overloadpacket.__name__ in NO_TRAFFIC:
         return False
-    return any(isinstance(t, torch.Tensor) for t in tree_iter(out))
+    return any(isinstance(t, torch.Tensor)
+               for t in tree_iter(written(func, args, kwargs or {}, out)))
 
 
 def is_write_only(func: torch._ops.OpOverload) -> bool:

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_iter
 from simdist.cache import schema as S
 from simdist.cache.codec import TORCH_VERSION, Unencodable, meta_tensor, rebuild_args
 from simdist.costmodel import GPUSpec, kernel_times
-from simdist.opcount import bytes_read, kernel_flops, launches_kernel, shape_text, tensor_bytes
+from simdist.opcount import bytes_read, kernel_flops, launches_kernel, shape_text, tensor_bytes, written
 
 
 def _out_tensor(info: ft._DispatchCacheEntryOutputInfo, args: tuple) -> object:
@@ -44,23 +44,23 @@ def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
     except (Unencodable, RuntimeError, TypeError, ValueError, IndexError):
         return None
     out = tuple(outs) if entry.is_output_tuple else outs[0]
-    if not launches_kernel(func, out):
+    if not launches_kernel(func, out, args, kwargs):
         return None
     try:
         flops = kernel_flops(func, args, kwargs, out)
     except Exception:  # a formula that cannot take these arguments: no row, never a guess
         return None
-    written = tensor_bytes(out)
+    wrote = tensor_bytes(written(func, args, kwargs, out))
     read = bytes_read(func, args, kwargs)
     # One launch, timed by the kernel model the merge uses (costmodel/kernels.py).
     shapes = ";".join(shape_text(t) for t in tree_iter((args, kwargs))
                       if isinstance(t, torch.Tensor))
     op = str(func._overloadpacket).removeprefix("aten.")
     est = float(kernel_times({"op": [op], "phase": [""], "module": [""], "shapes": [shapes],
-                              "count": [1], "flops": [flops], "bytes": [read + written]},
+                              "count": [1], "flops": [flops], "bytes": [read + wrote]},
                              gpu)[0])
     return dict(key_id=kid, hardware=gpu.name, op=str(func._overloadpacket), flops=flops, bytes_read=read,
-                bytes_written=written, est_time_s=est, measured_time_s=None,
+                bytes_written=wrote, est_time_s=est, measured_time_s=None,
                 updated=time.time() if now is None else now)
 
 

@@ -24,6 +24,7 @@ with the depth: their items are diffed the same way, one level down.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 from collections.abc import Callable
@@ -129,8 +130,58 @@ def _canonical(streams: StepStreams, per_stage: int) -> dict[str, list[tuple]]:
                 cache[module] = LayerRef(m.group(1), stage, pos, m.group(3) or "")
         return cache[module]
 
-    return {name: [_map_modules(name, ev, ref) for ev in getattr(streams, name)]
-            for name in STREAMS}
+    out = {name: [_map_modules(name, ev, ref) for ev in getattr(streams, name)]
+           for name in STREAMS}
+    out["kernels"] = _waits_across(out["kernels"])
+    return out
+
+
+# A kernel event names the event it waits for by module and count back within that module, so
+# blocks inserted between the two change nothing. Where the two are different blocks (a
+# block's FSDP2 copy-out waits for the all-gather its predecessor's backward prefetched), the
+# waited block is "the one that ran before", which an inserted block changes: the canonical
+# form names such an event by its count back along its stream instead (_ACROSS), the same at
+# every depth, and the rebuilt stream names it by module again (_waits_within).
+_ACROSS = "<another block>"
+
+
+def _other_block(a: Any, b: Any) -> bool:
+    return (isinstance(a, LayerRef) and isinstance(b, LayerRef)
+            and (a.stage, a.pos) != (b.stage, b.pos))
+
+
+def _waits_across(events: list[tuple]) -> list[tuple]:
+    by_module: dict[tuple[Any, str], list[int]] = {}
+    by_stream: dict[str, list[int]] = {}
+    out = []
+    for i, e in enumerate(events):
+        if e.wait_back > 0 and _other_block(e.module, e.wait_module):
+            target = by_module[(e.wait_module, e.wait_stream)][-e.wait_back]
+            same = by_stream[e.wait_stream]
+            out.append(e._replace(wait_module=_ACROSS,
+                                  wait_back=len(same) - bisect.bisect_left(same, target)))
+        else:
+            out.append(e)
+        by_module.setdefault((e.module, e.stream), []).append(i)
+        by_stream.setdefault(e.stream, []).append(i)
+    return out
+
+
+def _waits_within(events: list[tuple]) -> list[tuple]:
+    by_module: dict[tuple[Any, str], list[int]] = {}
+    by_stream: dict[str, list[int]] = {}
+    out = []
+    for i, e in enumerate(events):
+        if e.wait_module == _ACROSS:
+            target = by_stream[e.wait_stream][-e.wait_back]
+            t = events[target]
+            same = by_module[(t.module, t.stream)]
+            e = e._replace(wait_module=t.module,
+                           wait_back=len(same) - bisect.bisect_left(same, target))
+        out.append(e)
+        by_module.setdefault((e.module, e.stream), []).append(i)
+        by_stream.setdefault(e.stream, []).append(i)
+    return out
 
 
 def _moved(stream: str, events: list[tuple], fn: Callable[[LayerRef], Any]) -> list[tuple]:
@@ -331,7 +382,8 @@ class StreamModel:
         out = StepStreams()
         for name in STREAMS:
             events = extrapolate(name, self.short[name], self.edits[name], _AFTER, extra)
-            setattr(out, name, _moved(name, events, lambda r: _module_name(r, shape)))
+            events = _moved(name, events, lambda r: _module_name(r, shape))
+            setattr(out, name, _waits_within(events) if name == "kernels" else events)
         out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
         return out
 

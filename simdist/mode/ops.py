@@ -15,11 +15,11 @@ from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
-from simdist.opcount import is_write_only, kernel_flops, launches_kernel, shape_text
+from simdist.opcount import is_write_only, kernel_flops, launches_kernel, shape_text, written
 from simdist.trace import OpEvent, OpHead, OpItem
 
 def _items(args: Any, out: Any) -> tuple[OpItem, ...]:
-    """An OpItem per tensor argument, then one per output."""
+    """An OpItem per tensor argument, then one per tensor written (opcount.written)."""
     items = [OpItem("a", shape_text(t), t.numel() * t.element_size())
              for t in tree_iter(args) if isinstance(t, torch.Tensor)]
     items += [OpItem("o", "", t.numel() * t.element_size())
@@ -43,12 +43,13 @@ class OpCounter(TorchDispatchMode):
             return NotImplemented
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.ctx.excluded or self.ctx.phase == "init" or not launches_kernel(func, out):
+        if self.ctx.excluded or self.ctx.phase == "init" \
+                or not launches_kernel(func, out, args, kwargs):
             return out
         head = OpHead(str(func._overloadpacket).removeprefix("aten."), self.ctx.phase,
                       self.ctx.module(), self.ctx.weight, kernel_flops(func, args, kwargs, out),
                       is_write_only(func))
-        self.events.append(OpEvent(head, _items(args, out)))
+        self.events.append(OpEvent(head, _items(args, written(func, args, kwargs, out))))
         if self.ctx.kernels is not None:
             self.ctx.kernels.on_op((args, kwargs), out, head.module)
         return out
