@@ -95,7 +95,7 @@ def report_dirs(tmp_path_factory):  # noqa: ANN201 - simdist.report tests: kind 
     simulate_planned_here): `run` (llama3-debug, dp_shard 2 x tp 2 x pp 2: two rank classes,
     a pipeline bubble), `sweep` (GPUs 2, 4 x micro-batch 1, 4, 3 on a GPU with 70 MiB usable:
     micro-batch 4 does not fit, 3 does not divide the batch and is skipped), `search`
-    (llama3-debug on 2 and 4 GPUs, 3 plans simulated) and `compare` (an HTML file comparing the
+    (llama3-debug on 2 or 4 GPUs, the prior's best 3 plans simulated) and `compare` (an HTML file comparing the
     run with two of the sweep's plans)."""
     import contextlib
 

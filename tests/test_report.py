@@ -363,3 +363,15 @@ def test_rebuilt_sweep_page_is_the_written_one(report_dirs, tmp_path):
     before = (out / REPORT_FILE).read_text()
     write_report(out)
     assert (out / REPORT_FILE).read_text() == before
+
+
+def test_a_sweep_without_a_simulated_plan_still_has_its_page(tmp_path):
+    from simdist.sweep import PlanCase, case_row, ranked, write_rows
+
+    cases = [PlanCase(0, {"parallel.tp": 3}, [], skip_reason="parallel.tp: tp=3 must divide 8"),
+             PlanCase(1, {"parallel.tp": 5}, [], failed="internal error: boom")]
+    write_rows(tmp_path, ranked([case_row(c) for c in cases]), ["parallel.tp"],
+               dict(kind="sweep", grid={"parallel.tp": ["3", "5"]}))
+    text = write_report(tmp_path).read_text()
+    assert _figures(text) == {}  # nothing simulated: no chart, and no broken one
+    assert "tp=3 must divide 8" in text and "internal error: boom" in text

@@ -69,7 +69,7 @@ def _headline_figure(heads: list[str], runs: list[RunDir]) -> dict[str, Any]:
     lay["yaxis3"]["range"], above = memory_range(top, [v and v / GIB for v in limits])
     if above:
         lay["margin"]["t"] = 60
-        notes.append(above_note(above, top, x=1 - width, xanchor="left") | dict(y=1.06))
+        notes.append(above_note(above, top, x=1 - width, xanchor="left") | dict(y=1.1))
     lay["annotations"] = notes
     return dict(data=data, layout=lay)
 
