@@ -1,4 +1,4 @@
-"""`simdist run | sweep | search | compare | cache | calibrate` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
+"""`simdist run | sweep | search | compare | report | cache | calibrate` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
 130 / 143 stopped by SIGINT / SIGTERM (nothing written)."""
 
 from __future__ import annotations
@@ -100,13 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR",
                          help="two or more run directories (plan.json, ranks.parquet, "
                               "collectives.parquet)")
-    compare.add_argument("--html", metavar="PATH", help="also write a self-contained HTML file")
+    compare.add_argument("--html", metavar="PATH", help="also write a self-contained HTML report "
+                                                        "(charts and the tables)")
+    report = sub.add_parser("report", help="(re)build DIR/report.html from a run, sweep or "
+                                           "search directory alone")
+    report.add_argument("dir", metavar="DIR", help="a directory written by simdist run, sweep or "
+                                                   "search (or a sweep's plans/<n>)")
     cache = sub.add_parser("cache", help="the shared cache (dispatch cache and layer store): "
                                          "info | clear | path")
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
-    for sp in (run, sweep, search, compare, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
+    for sp in (run, sweep, search, compare, report, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
         sp.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     cal = sub.add_parser("calibrate", help="measure this machine's GPU(s): write a calibration table")
     cal.add_argument("--out", help="the table (default calibration-<gpu>.parquet; sidecar <stem>.json)")
@@ -214,8 +219,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
-    """Warnings of simdist's cache as one plain line; every other warning as Python shows it."""
-    if category.__name__ != "CacheWarning":
+    """Warnings of simdist's cache and report as one plain line; every other warning as Python
+    shows it."""
+    if category.__name__ not in ("CacheWarning", "ReportWarning"):
         return _default_showwarning(message, category, filename, lineno, file, line)
     text = " ".join(str(message).split())
     print(text if text.startswith("simdist") else f"simdist: warning: {text}",
@@ -243,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_search(args)
             if args.command == "compare":
                 return cmd_compare(args)
+            if args.command == "report":
+                from simdist.report import report_command
+
+                return report_command(args.dir)
             if args.command == "cache":
                 from simdist.cache.commands import cache_command
 

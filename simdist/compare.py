@@ -1,29 +1,28 @@
 """`simdist compare RUN_A RUN_B [...]`: plans side by side from their run directories alone
 (plan.json, ranks.parquet, collectives.parquet): the plan's figures, each rank class's peak and
 its breakdown, each class's step time and its breakdown, the collectives by kind and mesh
-dimension, and the config keys that differ. Printed with rich; `--html PATH` also writes the
-same tables as one self-contained HTML file. Never imports the simulator."""
+dimension, and the config keys that differ. Printed with rich; `--html PATH` also writes them
+as a report page (simdist/report/compare.py: the same tables with side-by-side charts, one
+self-contained HTML file). Never imports the simulator."""
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from simdist.config import ConfigError
+from simdist.report.compare import COMPARE_GENERATOR, binding_class, per_class
+from simdist.report.page import fmt_bytes, write_atomic
 
 GIB = 2**30
 MEMORY = ("peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
           "other_bytes")
 TIME = ("compute_s", "comm_s", "exposed_comm_s", "bubble_s", "step_s")
-HTML_MARK = '<meta name="generator" content="simdist compare">'
+HTML_MARK = f'<meta name="generator" content="{COMPARE_GENERATOR}">'
 
 
 @dataclass
@@ -36,26 +35,15 @@ class Section:
 class Comparison:
     names: list[str]
     sections: list[Section]
+    runs: list[Any] = field(default_factory=list)  # simdist.report.load.RunDir, one per column
 
 
 def load_run(path: str | os.PathLike) -> dict[str, Any]:
-    from simdist.rundir import is_run_dir
+    from simdist.report.load import open_run
 
-    p = Path(path).expanduser()
-    if not p.is_dir() or not is_run_dir(p):
-        raise ConfigError("RUN_DIR", f"{p} is not a simdist run directory (no plan.json with "
-                                     "simdist_version); allowed: directories written by "
-                                     "simdist run, or a sweep's plans/<n>")
-    try:
-        plan = json.loads((p / "plan.json").read_text(encoding="utf-8"))
-        ranks = pq.read_table(p / "ranks.parquet").to_pylist()
-        coll = (pq.read_table(p / "collectives.parquet").to_pylist()
-                if (p / "collectives.parquet").exists() else [])
-    except (OSError, ValueError) as e:
-        raise ConfigError("RUN_DIR", f"cannot read the run directory {p}: {e}") from None
-    if not ranks:
-        raise ConfigError("RUN_DIR", f"{p}/ranks.parquet has no rows")
-    return dict(path=p, plan=plan, ranks=ranks, collectives=coll)
+    run = open_run(path, "RUN_DIR")
+    return dict(path=run.path, plan=run.plan, ranks=run.ranks, collectives=run.collectives,
+                run=run)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -86,31 +74,6 @@ def _num(x: Any, fmt: str = "{:.4g}") -> str:
     if isinstance(x, (int, float)):
         return fmt.format(x)
     return str(x)
-
-
-def _bytes(b: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= size:
-            return f"{b / size:.2f} {unit}"
-    return f"{b:.0f} B"
-
-
-def per_class(ranks: list[dict]) -> dict[int, dict[str, Any]]:
-    """class_id -> ranks, the memory breakdown of its highest-peak rank and the time breakdown
-    of its slowest rank."""
-    out: dict[int, dict[str, Any]] = {}
-    for r in ranks:
-        c = out.setdefault(r["class_id"], dict(ranks=0, mem=r, time=r))
-        c["ranks"] += 1
-        if r["peak_bytes"] > c["mem"]["peak_bytes"]:
-            c["mem"] = r
-        if r["step_s"] > c["time"]["step_s"]:
-            c["time"] = r
-    return out
-
-
-def binding_class(ranks: list[dict]) -> int:
-    return max(ranks, key=lambda r: (r["step_s"], -r["rank"]))["class_id"]
 
 
 def compare(paths: list[str | os.PathLike]) -> Comparison:
@@ -163,7 +126,7 @@ def compare(paths: list[str | os.PathLike]) -> Comparison:
         agg.append(a)
     for key in sorted({k for a in agg for k in a}):
         s.rows.append((f"{key[0]} / {key[1]}",
-                       [f"{int(a[key][0]):,} / {_bytes(a[key][1])}" if key in a else ""
+                       [f"{int(a[key][0]):,} / {fmt_bytes(a[key][1])}" if key in a else ""
                         for a in agg]))
     if not s.rows:
         s.rows.append(("(no collectives)", [""] * len(runs)))
@@ -179,7 +142,7 @@ def compare(paths: list[str | os.PathLike]) -> Comparison:
     if not s.rows:
         s.rows.append(("(identical configs)", [""] * len(runs)))
     secs.append(s)
-    return Comparison(names, secs)
+    return Comparison(names, secs, [r["run"] for r in runs])
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -208,28 +171,10 @@ def print_comparison(cmp: Comparison, console: Any = None) -> None:
 
 
 def to_html(cmp: Comparison) -> str:
-    e = html.escape
-    heads = short_names(cmp.names)
-    out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", HTML_MARK,
-           "<title>simdist compare</title><style>",
-           "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
-           "table{border-collapse:collapse;margin:0 0 2em 0}"
-           "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;font-variant-numeric:"
-           "tabular-nums}th:first-child,td:first-child{text-align:left}"
-           "thead th{background:#f0f0f0}h2{font-size:1.05em;margin:1.2em 0 .4em}"
-           "tr.diff td{background:#fff7e0}",
-           "</style></head><body>", "<h1>simdist compare</h1>",
-           "<p>" + "<br>".join(f"<b>{e(h)}</b>: {e(n)}" for h, n in zip(heads, cmp.names)) + "</p>"]
-    for sec in cmp.sections:
-        out.append(f"<h2>{e(sec.title)}</h2><table><thead><tr><th></th>"
-                   + "".join(f"<th>{e(h)}</th>" for h in heads) + "</tr></thead><tbody>")
-        for label, cells in sec.rows:
-            cls = ' class="diff"' if len(set(cells)) > 1 else ""
-            out.append(f"<tr{cls}><td>{e(label)}</td>"
-                       + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-        out.append("</tbody></table>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    """The comparison as a report page (simdist.report.compare): charts, then these tables."""
+    from simdist.report.compare import compare_page
+
+    return compare_page(short_names(cmp.names), cmp.runs, cmp.sections).html()
 
 
 def write_html(path: str | os.PathLike, text: str) -> Path:
@@ -249,11 +194,7 @@ def write_html(path: str | os.PathLike, text: str) -> Path:
     if not p.parent.is_dir():
         raise ConfigError("--html", f"cannot write {p}: {p.parent} is not a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
+        write_atomic(p, text)
     except OSError as e:
         raise ConfigError("--html", f"cannot write {p}: {e.strerror or e}") from None
     return p

@@ -46,10 +46,12 @@ class ClusterPlan:
     def __getitem__(self, key: str) -> Any:
         return self.summary[key]
 
-    def write(self, out_dir: str | os.PathLike) -> Path:
+    def write(self, out_dir: str | os.PathLike, report: bool = True) -> Path:
         """Write the run directory atomically: build it beside the target, then rename. Only a
         new path, an empty directory or a previous run directory is replaced (simdist.rundir);
-        anything else raises ConfigError before a file is written."""
+        anything else raises ConfigError before a file is written. `report`: also build
+        report.html from the files just written (simdist.report; a failure there is a warning,
+        not a lost run); a sweep writes one page for all its plans instead."""
         from simdist.rundir import check_out, install, staging_dir
 
         out = check_out(out_dir)
@@ -62,6 +64,10 @@ class ClusterPlan:
             pq.write_table(self.memory, tmp / "memory.parquet")
             pq.write_table(self.kernels, tmp / "kernels.parquet")
             (tmp / "timeline.json").write_text(json.dumps(self.timeline) + "\n")
+            if report:
+                from simdist.report import RunDir, write_report_or_warn
+
+                write_report_or_warn(RunDir(tmp))
             return install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -395,6 +395,9 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
             overrides=list(overrides), plans=len(cases), simulated=report["simulated"],
             skipped=report["skipped"], failed=report["failed"], wall_s=report["wall_s"]))
         (tmp / SEARCH_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        from simdist.report import write_report_or_warn
+
+        write_report_or_warn(tmp)
         install(tmp, out)
     except BaseException:
         bar.close()

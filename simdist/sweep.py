@@ -286,7 +286,7 @@ async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str
             else:
                 case.summary = plan.summary
                 out = plans_dir / str(case.plan_id)
-                plan.write(out)
+                plan.write(out, report=False)  # the sweep's own page covers its plans
                 case.run_dir = f"{PLANS_DIR}/{case.plan_id}"
             if progress is not None:
                 progress.finished(case)
@@ -440,6 +440,9 @@ def run_sweep(config: str | Path | dict, grid_texts: list[str], overrides: list[
             skipped=sum(r["status"] == "skipped" for r in rows),
             failed=sum(r["status"] == "failed" for r in rows),
             wall_s=time.perf_counter() - t0))
+        from simdist.report import write_report_or_warn
+
+        write_report_or_warn(tmp)
         install(tmp, out)
     except BaseException:
         bar.close()

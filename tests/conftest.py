@@ -66,14 +66,79 @@ def collective_counts(tr: RankTrace, mesh_dim: str) -> Counter:
 def simulate_here(config: dict):  # noqa: ANN201 - simdist.plan.ClusterPlan
     """A whole plan in this process, without Ray: the planner's tasks through the memo protocol
     on a local pool, merged as `simdist run` merges them."""
-    from simdist.calibrate import calibration_for
     from simdist.config import load_config
-    from simdist.families import flops_per_token
-    from simdist.plan import merge
     from simdist.planner import plan_run
 
-    cfg = load_config(config)
-    run = plan_run(cfg, use_cache=False)
+    return simulate_planned_here(plan_run(load_config(config), use_cache=False))
+
+
+def simulate_planned_here(run):  # noqa: ANN001, ANN201 - RunPlan -> ClusterPlan
+    """simulate_here for a RunPlan, with the summary keys the coordinator adds that a run
+    directory needs (config, gpu, versions)."""
+    import simdist
+    from simdist.calibrate import calibration_for
+    from simdist.families import flops_per_token
+    from simdist.plan import merge
+
+    cfg = run.cfg
     traces = [simulate_rank(t) for t in run.tasks]
-    summary = {"flops_per_token": flops_per_token(run.spec, cfg.training.seq_len)}
+    summary = {"flops_per_token": flops_per_token(run.spec, cfg.training.seq_len),
+               "config": cfg.to_dict(), "gpu": run.gpu.name,
+               "simdist_version": simdist.__version__, "sim_wall_s": 0.0}
     return merge(run, traces, summary, calibration_for(cfg))
+
+
+@pytest.fixture(scope="session")
+def report_dirs(tmp_path_factory):  # noqa: ANN201 - simdist.report tests: kind -> path
+    """One directory of each kind a report is built from, simulated in this process (no Ray:
+    sweep and search run their own code with the coordinator's simulation replaced by
+    simulate_planned_here): `run` (llama3-debug, dp_shard 2 x tp 2 x pp 2: two rank classes,
+    a pipeline bubble), `sweep` (GPUs 2, 4 x micro-batch 1, 4, 3 on a GPU with 70 MiB usable:
+    micro-batch 4 does not fit, 3 does not divide the batch and is skipped), `search`
+    (llama3-debug on 2 or 4 GPUs, the prior's best 3 plans simulated) and `compare` (an HTML file comparing the
+    run with two of the sweep's plans)."""
+    import contextlib
+
+    from simdist import coordinator
+    from simdist.compare import compare, to_html, write_html
+    from simdist.search import run_search
+    from simdist.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("report")
+    out: dict = {}
+    run_cfg = {"model": {"preset": "llama3-debug"},
+               "training": {"seq_len": 512, "micro_batch": 1, "global_batch": 8},
+               "parallel": {"dp_shard": 2, "tp": 2, "pp": 2},
+               "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 1,
+                           "price_per_gpu_hour": 2.0}}
+    out["run"] = simulate_here(run_cfg).write(root / "run")
+
+    async def here(run, **_):  # noqa: ANN001, ANN003, ANN202 - coordinator.simulate_async
+        import asyncio  # simulate_rank runs its own event loop: not inside this one
+
+        return await asyncio.to_thread(simulate_planned_here, run)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(coordinator, "simulate_async", here)
+    mp.setattr(coordinator, "ray_session", lambda *a, **k: contextlib.nullcontext())
+    try:
+        # usable memory = hbm_gb x 1e9 - 1 GiB reserved = 70 MiB
+        hbm_gb = (2**30 + 70 * 2**20) / 1e9
+        base = {"model": {"preset": "llama3-debug"},
+                "training": {"seq_len": 256, "micro_batch": 1, "global_batch": 16},
+                "cluster": {"gpu": {"name": "small-h100", "bf16_tflops": 989, "hbm_gb": hbm_gb,
+                                    "hbm_tb_s": 3.35, "nvlink_gb_s": 450},
+                            "gpus_per_node": 2, "nodes": 1, "price_per_gpu_hour": 2.5}}
+        out["sweep"] = run_sweep(base, ["cluster.gpus_per_node=2,4",
+                                        "training.micro_batch=1,4,3"], [], root / "sweep",
+                                 progress=False).out
+        search_cfg = {"model": {"preset": "llama3-debug"},
+                      "training": {"seq_len": 256, "micro_batch": 1, "global_batch": 8},
+                      "cluster": {"gpu": "h100-sxm", "gpus_per_node": 4, "nodes": 1}}
+        out["search"] = run_search(search_cfg, [], root / "search", gpus=[2, 4], max_plans=3,
+                                   top=2, progress=False).out
+    finally:
+        mp.undo()
+    cmp = compare([out["run"], out["sweep"] / "plans" / "0", out["sweep"] / "plans" / "4"])
+    out["compare"] = write_html(root / "compare.html", to_html(cmp))
+    return out

@@ -172,7 +172,7 @@ def test_quickstart_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "world 8" not in proc.stdout  # --quiet: no summary
-    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert {p.name for p in out.iterdir()} == RUN_FILES | {"report.html"}  # the dashboard too
     assert not [p for p in tmp_path.iterdir() if p.name != "quick"]  # no temp dirs left beside
 
     plan = json.loads((out / "plan.json").read_text())

@@ -144,6 +144,7 @@ def test_search_debug_against_a_grid(tmp_path):
     rows = pq.read_table(out / "sweep.parquet")
     assert rows.num_rows == 3 and all(k in rows.column_names for k in DIMS)
     assert "prior_tokens_per_s" in rows.column_names
+    assert (out / "report.html").is_file()  # the dashboard (tests/test_report_browser.py)
     for b in report["best"]:
         assert (out / b["run_dir"] / "plan.json").exists()
         assert b["config"]["parallel"]["tp"] == b["values"]["parallel.tp"]

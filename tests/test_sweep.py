@@ -106,6 +106,8 @@ def test_sweep_parquet_one_row_per_combination(sweep):
     mark = json.loads((res.out / "sweep.json").read_text())
     assert mark["kind"] == "sweep" and "simdist_version" in mark
     assert (mark["plans"], mark["simulated"], mark["skipped"]) == (6, 4, 2)
+    assert (res.out / "report.html").is_file()  # one dashboard for the sweep, none per plan
+    assert not list((res.out / "plans").glob("*/report.html"))
 
 
 def test_sweep_rows_are_their_run_directories(sweep):
@@ -192,7 +194,8 @@ def test_compare_two_runs(sweep, tmp_path, capsys):
     assert "training.seq_len" not in text  # only what differs
     doc = page.read_text()
     assert doc.startswith("<!DOCTYPE html>") and "<table>" in doc and "all_gather / tp" in doc
-    assert "<script" not in doc and "http" not in doc  # self-contained
+    assert "compare-memory" in doc and "plotly.js v" in doc  # charts, the library embedded
+    assert "<script src" not in doc and "<link" not in doc  # self-contained: nothing fetched
     # the same ranks.parquet figures
     ranks = pq.read_table(Path(b) / "ranks.parquet").to_pylist()
     assert f"{max(r['step_s'] for r in ranks):.4f}" in text
