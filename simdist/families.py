@@ -22,6 +22,7 @@ from simdist.models.moe import MoEArgs, MoETransformer
 from simdist.models.hf import HFArgs, HFError, build_hf, hf_spec_args
 from simdist.parallel import (parallelize_custom, parallelize_gpt, parallelize_hf, parallelize_llama3,
                               parallelize_moe)
+from simdist.parallel.blocks import DEFAULT_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ register(Family("gpt", GPTArgs, GPT, parallelize_gpt, tensor_parallel=True, laye
 register(Family("moe", MoEArgs, MoETransformer, parallelize_moe,
                 attention_modules=("simdist.models.llama3",)))
 # Hugging Face transformers from config (simdist/models/hf.py): TP from the model's own plan,
-# FSDP2 and checkpointing per decoder block; no layer memo (blocks are rebuilt per run).
-register(Family("hf", HFArgs, build_hf, parallelize_hf, tensor_parallel=True))
+# FSDP2 and checkpointing per decoder block; the layer memo where the config's blocks are all
+# the same (HFArgs.identical_blocks, checked when the config is resolved).
+register(Family("hf", HFArgs, build_hf, parallelize_hf, tensor_parallel=True, layer_memo=True))
 register(Family("custom", None, None, parallelize_custom))
 
 
@@ -75,6 +77,29 @@ class ModelSpec:
     @property
     def registration(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def block_path(self) -> str:
+        """Module path of the block container in the built model (module names in the
+        recorded streams start with it): `layers`, an hf model's `hf.model.layers` /
+        `hf.transformer.h`, an entrypoint's `blocks:`."""
+        if self.entrypoint:
+            return self.blocks or DEFAULT_BLOCKS
+        return getattr(self.args, "block_path", DEFAULT_BLOCKS)
+
+    @property
+    def layer_memo(self) -> bool:
+        """The layer memo may rebuild this model's depth from short steps: its family's blocks
+        are all the same (an hf config: where they were found so, `identical_blocks`)."""
+        return (self.registration.layer_memo and not self.entrypoint and bool(self.n_layers)
+                and getattr(self.args, "identical_blocks", True))
+
+    def with_layers(self, n_layers: int) -> ModelSpec:
+        """The same model with `n_layers` blocks (the family rebuilds what follows the depth)."""
+        args = self.args
+        args = (args.with_layers(n_layers) if hasattr(args, "with_layers")
+                else dataclasses.replace(args, n_layers=n_layers))
+        return dataclasses.replace(self, args=args)
 
 
 class ModelError(ValueError):

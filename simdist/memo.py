@@ -61,7 +61,7 @@ class MemoJob:
         if self.stored is not None:
             model, parts = StreamModel.from_parts(self.stored), None
         else:
-            model = fit_stream_model(runs)
+            model = fit_stream_model(runs, self.shape.blocks)
             if model is None:
                 return None, {"fallback": True}
             parts = model.to_parts()

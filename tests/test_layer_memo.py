@@ -161,3 +161,122 @@ def test_corrupt_layer_store_file_is_reported_and_ignored(tmp_path) -> None:
         again = run_rank(model, **kw)
     assert again.layer_memo == "memo" and again.memory.equals(good.memory)
     assert (tmp_path / "quarantine" / path.name).exists()
+
+
+# --- Hugging Face models (simdist/models/hf.py): the memo where every decoder block is the same --
+
+# 7 layers: the memo executes 2, 3 and 4 (BASE_LAYERS + 0..2) and rebuilds 7.
+HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, head_dim=16)
+GPT2_TINY = dict(n_embd=64, n_layer=7, n_head=4, vocab_size=256, n_positions=128,
+                 bos_token_id=0, eos_token_id=0)
+
+
+def _hf(model_type: str, **fields):  # noqa: ANN202
+    pytest.importorskip("transformers")
+    from simdist.families import hf_spec
+
+    return hf_spec(dict(model_type=model_type, **fields))
+
+
+def test_hf_llama_fsdp_equals_full_execution() -> None:
+    # blocks at hf.model.layers.N
+    assert_same(_hf("llama", **HF_TINY), dp_shard=2, seq_len=128)
+
+
+def test_hf_llama_fsdp_tp_from_its_own_plan_equals_full_execution() -> None:
+    # TP2 from LlamaForCausalLM's _tp_plan (colwise q/k/v/gate/up, rowwise o/down)
+    assert_same(_hf("llama", **HF_TINY), dp_shard=2, tp=2, seq_len=128)
+
+
+def test_hf_qwen2_fsdp_full_ac_equals_full_execution() -> None:
+    assert_same(_hf("qwen2", **HF_TINY), dp_shard=2, seq_len=128,
+                activation_checkpointing="full")
+
+
+def test_hf_gpt2_fsdp_equals_full_execution() -> None:
+    # blocks at hf.transformer.h.N: the memo renumbers GPT-2's own block path
+    sp = _hf("gpt2", **GPT2_TINY)
+    assert sp.block_path == "hf.transformer.h"
+    assert_same(sp, dp_shard=2, seq_len=128)
+
+
+def test_hf_layers_that_differ_get_no_memo() -> None:
+    """Qwen2 with max_window_layers=5 of 7: layers 5 and 6 attend through a 32-token sliding
+    window, 0-4 fully (transformers' Qwen2Config.layer_types). The memo is refused (the rank
+    is executed in full); forced, it would be wrong: its short steps (2-4 layers) are all
+    full attention, fit, and rebuild 7 full-attention layers."""
+    from dataclasses import replace
+
+    sp = _hf("qwen2", **HF_TINY, use_sliding_window=True, sliding_window=32,
+             max_window_layers=5)
+    assert not sp.args.identical_blocks
+    assert memo_shape(make_task(sp, dp_shard=2, seq_len=128)) is None
+    full = run_rank(sp, dp_shard=2, seq_len=128)
+    assert full.layer_memo == "full"
+    forced = replace(sp, args=replace(sp.args, identical_blocks=True))
+    wrong = run_rank(forced, dp_shard=2, seq_len=128)
+    assert wrong.layer_memo == "memo" and not wrong.ops.equals(full.ops)
+
+
+@pytest.mark.parametrize("model_type, fields, identical", [
+    # Gemma 3: five sliding-window layers, then a global one (sliding_window_pattern 6)
+    ("gemma3_text", dict(HF_TINY, sliding_window=32), False),
+    # every Qwen2 layer sliding (max_window_layers 0), at every depth
+    ("qwen2", dict(HF_TINY, use_sliding_window=True, sliding_window=32, max_window_layers=0),
+     True),
+    # an explicit per-layer list: cut to the memo's depths with the layer count
+    ("qwen2", dict(HF_TINY, layer_types=["full_attention"] * 7), True),
+    ("qwen2", dict(HF_TINY, layer_types=["full_attention"] * 6 + ["sliding_attention"]), False),
+    # Qwen3-MoE with a dense layer among the sparse ones
+    ("qwen3_moe", dict(HF_TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       mlp_only_layers=[3]), False),
+    ("qwen3_moe", dict(HF_TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+     True),
+    ("mixtral", dict(HF_TINY, num_local_experts=4, num_experts_per_tok=2), True),
+])
+def test_hf_identical_blocks(model_type, fields, identical) -> None:  # noqa: ANN001
+    sp = _hf(model_type, **fields)
+    assert sp.args.identical_blocks is identical
+    assert (memo_shape(make_task(sp, dp_shard=2, seq_len=128)) is not None) is identical
+
+
+def test_hf_memo_depths_are_the_memos() -> None:
+    pytest.importorskip("transformers")
+    from simdist.mode.layer_memo import BASE_LAYERS
+    from simdist.models.hf import MEMO_DEPTHS, config_with_layers
+
+    assert MEMO_DEPTHS == tuple(BASE_LAYERS + i for i in range(3))
+    # GPT-2 stores its depth as n_layer (num_hidden_layers is its alias)
+    assert config_with_layers(dict(model_type="gpt2", num_hidden_layers=7), 3) == \
+        dict(model_type="gpt2", n_layer=3)
+    assert config_with_layers(dict(model_type="qwen2", num_hidden_layers=7,
+                                   layer_types=["full_attention"] * 7), 2) == \
+        dict(model_type="qwen2", num_hidden_layers=2, layer_types=["full_attention"] * 2)
+
+
+def test_hf_layer_store_key_has_the_config_not_the_depth(tmp_path) -> None:
+    """The store key of an hf rank: its config fields (a model that executes differently never
+    reads another's model), not its depth (a deeper model of the same blocks reuses it)."""
+    from simdist.memo import open_memo
+
+    def key(**fields) -> str:  # noqa: ANN003
+        task = make_task(_hf("llama", **{**HF_TINY, **fields}), dp_shard=2, seq_len=128,
+                         layer_cache_dir=str(tmp_path))
+        return open_memo(task).key
+
+    assert key() == key(num_hidden_layers=9)
+    assert key() != key(hidden_act="gelu")
+    assert key() != key(rms_norm_eps=1e-5)
+
+
+def test_hf_layer_store_rebuilds_a_deeper_model_without_executing(tmp_path) -> None:
+    kw = dict(dp_shard=2, seq_len=128, layer_cache_dir=str(tmp_path))
+    cold = run_rank(_hf("llama", **HF_TINY), **kw)
+    assert cold.layer_memo == "memo"
+    deeper = _hf("llama", **dict(HF_TINY, num_hidden_layers=9))
+    warm = run_rank(deeper, **kw)
+    assert (warm.layer_memo, warm.blocks_executed, warm.blocks_total) == ("memo-hit", 0, 9)
+    full = run_rank(deeper, dp_shard=2, seq_len=128, layer_memo=False)
+    for table in ("ops", "collectives", "memory", "kernels"):
+        assert getattr(warm, table).equals(getattr(full, table)), table

@@ -125,6 +125,34 @@ def test_hf_models_from_config(model_type):
         assert {"native_dropout", "native_layer_norm"} <= ops
 
 
+def test_hf_backward_ops_are_attributed_to_their_block():
+    """HF attention modules take their tensors as keyword arguments (`self_attn(
+    hidden_states=...)`), which torch's ModTracker does not see: it left the first block's
+    attention open through backward and attributed every block's attention backward to it.
+    Expected: one flash attention backward per block, each in its own block's self_attn."""
+    pytest.importorskip("transformers")
+    from simdist.families import hf_spec
+
+    sp = hf_spec(dict(model_type="llama", **dict(SMALL, num_hidden_layers=3)))
+    tr = simulate_rank(make_task(sp, seq_len=128))
+    rows = [(r["phase"], r["module"], r["count"]) for r in tr.ops.to_pylist()
+            if r["op"] == "_scaled_dot_product_flash_attention_backward"]
+    assert sorted(rows) == [("bwd", f"hf.model.layers.{i}.self_attn", 1) for i in range(3)]
+
+
+def test_hf_model_without_sdpa_names_training_attention():
+    """Gemma 2 (logit soft-capping) has no SDPA attention in transformers: exit 2 naming
+    training.attention, not transformers' ValueError; with attention: eager it builds."""
+    pytest.importorskip("transformers")
+    from simdist.families import ModelError, hf_spec
+
+    with pytest.raises(ModelError) as info:
+        hf_spec(dict(model_type="gemma2", **SMALL))
+    assert info.value.key == "training.attention" and "eager" in str(info.value)
+    sp = hf_spec(dict(model_type="gemma2", **SMALL), attention="eager")
+    assert count_params(build_model(sp)) == build_model(sp).hf.num_parameters()
+
+
 def test_hf_config_json_and_tensor_parallel_plan(tmp_path):
     pytest.importorskip("transformers")
     path = tmp_path / "config.json"

@@ -8,10 +8,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+from torch.autograd.graph import register_multi_grad_hook
 from torch.distributed._tools.mod_tracker import ModTracker
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import tree_flatten
 
 PHASES = ("init", "fwd", "bwd", "optim")
 
@@ -20,6 +25,60 @@ PHASES = ("init", "fwd", "bwd", "optim")
 def _module_order(name: str) -> tuple:
     return (name.count("."),
             tuple((0, int(seg), "") if seg.isdigit() else (1, 0, seg) for seg in name.split(".")))
+
+
+def _grad_tensors(tree: Any) -> list[torch.Tensor]:
+    return [a for a in tree_flatten(tree)[0] if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+class KeywordModTracker(ModTracker):
+    """torch's ModTracker, also closing a module in backward when its tensor inputs are keyword
+    arguments. ModTracker learns a module's inputs from a global forward pre-hook, which gets no
+    keyword arguments; a module called with keyword tensors only (Hugging Face's
+    `self_attn(hidden_states=...)`) then stays open until backward ends, and every backward op
+    after it is attributed to it (the deepest open module). Here such a call's exit is hooked
+    on its keyword tensors, from the forward hook, which gets them. Calls with positional
+    tensor inputs are tracked exactly as ModTracker tracks them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._deferred: list[bool] = []  # per open forward call: exit hook left to the post hook
+
+    def _fw_pre_hook(self, mod: Any, input: Any) -> None:  # noqa: A002 - torch's name
+        if torch._dynamo.eval_frame._is_in_optimized_module():
+            return
+        if self.is_bw or _grad_tensors(input):
+            self._deferred.append(False)
+            super()._fw_pre_hook(mod, input)
+            return
+        # ModTracker's pre-hook, less the exit callback it would queue for a call without
+        # positional tensor inputs: the post hook decides, seeing the keyword ones.
+        name = self._get_mod_name(mod)
+        self._get_append_fn(weakref.ref(mod), name, False)()
+        if self._user_pre_fw_hook is not None:
+            self._user_pre_fw_hook(mod, input)
+        self._deferred.append(True)
+
+    def _fw_post_hook_kw(self, mod: Any, input: Any, *rest: Any) -> None:  # noqa: A002
+        # (kwargs, output); (output) where forward raised (torch calls always_call hooks so,
+        # e.g. on checkpoint's early stop of a recomputation)
+        kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
+        if torch._dynamo.eval_frame._is_in_optimized_module():
+            return
+        if self._deferred.pop():
+            pop = self._get_pop_fn(weakref.ref(mod), self._get_mod_name(mod), True)
+            tensors = _grad_tensors(kwargs)
+            if tensors:
+                register_multi_grad_hook(tensors, pop)
+            else:
+                self._post_bw_callbacks_to_enqueue.append(pop)
+        self._fw_post_hook(mod, input, output)
+
+    def __enter__(self) -> KeywordModTracker:
+        self._fw_pre_handle = register_module_forward_pre_hook(self._fw_pre_hook)
+        self._fw_post_handle = register_module_forward_hook(
+            self._fw_post_hook_kw, with_kwargs=True, always_call=True)
+        return self
 
 
 class StepContext:
@@ -32,7 +91,7 @@ class StepContext:
         # ModTracker hooks module inputs with multi-grad hooks, which autograd.grad(inputs=...)
         # rejects for leaf inputs (zero-bubble pipelines split backward that way): such runs
         # attribute ops to no module.
-        self.mod_tracker = ModTracker() if track_modules else contextlib.nullcontext()
+        self.mod_tracker = KeywordModTracker() if track_modules else contextlib.nullcontext()
         self._excluded = threading.local()
         # The GPU stream ops are issued on (mode/kernels.py), and the recorder of the kernel
         # stream that the op and collective recorders notify (None: not recorded).

@@ -4,9 +4,10 @@ a, a+1 and a+2 blocks per stage (a = 2), and its step for m blocks is rebuilt fr
 Why this is exact, and how it is checked: the blocks of a stage are the same module type with
 the same config, parameter shard layout, input metadata and checkpointing policy, so adding one
 block to a stage adds the same events (memory, ops, collectives) at the same places of the
-step, differing only in the block's index in module names. The memo finds those places by
-diffing the step with a blocks against the step with a+1 (module names made position-relative,
-blocks after the inserted one renumbered), then
+step, differing only in the block's index in module names (`<blocks>.N`, at the model's own
+block path: `layers`, Hugging Face's `hf.model.layers` or `hf.transformer.h`). The memo finds
+those places by diffing the step with a blocks against the step with a+1 (module names made
+position-relative, blocks after the inserted one renumbered), then
 
 1. predicts the step with a+2 blocks from the two and requires it to equal the executed a+2
    step event for event (otherwise the rank is executed in full: `FALLBACK`);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,7 +38,13 @@ from simdist.trace import SCALARS, STREAMS, OpEvent, OpItem, RankTask, StepStrea
 
 BASE_LAYERS = 2  # a: the shortest stage executed; blocks 0 and a-1 stay first and last
 _AFTER = BASE_LAYERS - 2  # new blocks go after this position (before the stage's last block)
-_LAYER = re.compile(r"^(.*?)(?:^|(?<=\.))layers\.(\d+)(\..*)?$")
+
+
+@functools.cache
+def _block_pattern(blocks: str) -> re.Pattern:
+    """Module paths inside block N of the container at `blocks` (`layers`, `hf.model.layers`,
+    `hf.transformer.h`): (what precedes the container, N, the path inside the block)."""
+    return re.compile(rf"^(.*?)(?:^|(?<=\.)){re.escape(blocks)}\.(\d+)(\..*)?$")
 
 
 @dataclass(frozen=True)
@@ -50,16 +58,17 @@ class LayerRef:
 
 @dataclass(frozen=True)
 class MemoShape:
-    """How the memo rebuilds this rank: its stages, their block count and first block index."""
+    """How the memo rebuilds this rank: its stages, their block count and first block index,
+    and the module path of the model's blocks."""
     stages: tuple[int, ...]
     offsets: dict[int, int]
     layers_per_stage: int
     num_stages: int
+    blocks: str
 
     def reduced(self, task: RankTask, per_stage: int) -> RankTask:
         """`task` with `per_stage` blocks in every pipeline stage."""
-        model = replace(task.model, args=replace(task.model.args,
-                                                 n_layers=per_stage * self.num_stages))
+        model = task.model.with_layers(per_stage * self.num_stages)
         pp_layers = [per_stage] * self.num_stages if self.num_stages > 1 else None
         return replace(task.with_parallel(pp_layers=pp_layers), model=model)
 
@@ -80,15 +89,16 @@ def rank_blocks(task: RankTask) -> int:
 
 
 def memo_shape(task: RankTask) -> MemoShape | None:
-    """The memo shape of `task`, or None where the memo does not apply (another model family, stages
-    of this rank with different depths, or stages too short to gain)."""
-    if not task.model.registration.layer_memo or task.model.entrypoint or not task.model.n_layers:
+    """The memo shape of `task`, or None where the memo does not apply (a model whose blocks are
+    not all the same, stages of this rank with different depths, or stages too short to gain)."""
+    if not task.model.layer_memo:
         return None
     stages, split, num_stages = _rank_depths(task)
     depths = {len(split[s]) for s in stages}
     if len(depths) != 1 or (m := depths.pop()) < BASE_LAYERS + 3:
         return None
-    return MemoShape(tuple(stages), {s: split[s][0] for s in stages}, m, num_stages)
+    return MemoShape(tuple(stages), {s: split[s][0] for s in stages}, m, num_stages,
+                     task.model.block_path)
 
 
 # --- module names <-> LayerRef -------------------------------------------------------------------
@@ -117,12 +127,13 @@ def _phase(stream: str, ev: tuple) -> str:
     return ev.head.phase if stream == "ops" else ev.phase
 
 
-def _canonical(streams: StepStreams, per_stage: int) -> dict[str, list[tuple]]:
+def _canonical(streams: StepStreams, per_stage: int, blocks: str) -> dict[str, list[tuple]]:
     cache: dict[str, Any] = {}
+    pattern = _block_pattern(blocks)
 
     def ref(module: str) -> Any:
         if module not in cache:
-            m = _LAYER.match(module)
+            m = pattern.match(module)
             if m is None:
                 cache[module] = module
             else:
@@ -424,13 +435,14 @@ def _edits_from_json(stream: str, rows: list) -> list:
 
 
 def _module_name(r: LayerRef, shape: MemoShape) -> str:
-    return f"{r.prefix}layers.{shape.offsets[r.stage] + r.pos}{r.suffix}"
+    return f"{r.prefix}{shape.blocks}.{shape.offsets[r.stage] + r.pos}{r.suffix}"
 
 
-def fit_stream_model(runs: list[StepStreams]) -> StreamModel | None:
-    """From the a, a+1, a+2 block steps: the stream model, or None if the a+2 step is not what
-    it predicts (then the memo does not apply and the rank is executed in full)."""
-    canon = [_canonical(s, BASE_LAYERS + i) for i, s in enumerate(runs)]
+def fit_stream_model(runs: list[StepStreams], blocks: str) -> StreamModel | None:
+    """From the a, a+1, a+2 block steps (`blocks`: the blocks' module path): the stream model,
+    or None if the a+2 step is not what it predicts (then the memo does not apply and the rank
+    is executed in full)."""
+    canon = [_canonical(s, BASE_LAYERS + i, blocks) for i, s in enumerate(runs)]
     try:
         edits = {name: fit(name, canon[0][name], canon[1][name], canon[2][name], _AFTER)
                  for name in STREAMS}

@@ -5,7 +5,9 @@ path/to/config.json, ...overrides}}` -> `AutoConfig.for_model` -> `AutoModelForC
 .from_config` on meta, wrapped in `HFCausalLM`, a tiny adapter whose forward takes the token ids
 and returns the logits (so the step stays model-agnostic). The planner resolves the config once
 (`hf_spec`: layer count, blocks, TP plan, shapes for the plan checks) into `HFArgs`, which is
-what the actors rebuild the model from. transformers is imported only here, and only when an
+what the actors rebuild the model from. The layer memo applies where every decoder block is the
+same (checked on meta, `identical_blocks`); its short steps rebuild the config with fewer
+layers (`HFArgs.with_layers`). transformers is imported only here, and only when an
 hf model is asked for (`pip install -e '.[hf]'`)."""
 
 from __future__ import annotations
@@ -13,13 +15,21 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 INSTALL_HINT = "pip install -e '.[hf]'"
+ADAPTER = "hf"  # HFCausalLM's attribute holding the transformers model
+# Depths the layer memo executes (simdist/mode/layer_memo.py: a, a+1, a+2 blocks, a =
+# BASE_LAYERS): their blocks must be the full model's for the memo to apply.
+MEMO_DEPTHS = (2, 3, 4)
+# Config fields with one entry per decoder layer (cut to the depth when the depth changes).
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
+# Block attributes that number the block (the memo renumbers blocks; they differ by design).
+_BLOCK_INDEX_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index"})
 
 
 class HFError(ValueError):
@@ -47,10 +57,22 @@ class HFArgs:
     tp_plan: tuple[tuple[str, str], ...]  # the model's own `_tp_plan`: (module glob, style)
     n_experts: int | None = None
     attn_implementation: str = "sdpa"
+    # Every decoder block is the same module with the same attributes, at this depth and at the
+    # layer memo's short depths (hf_spec_args checks it on meta): the memo may rebuild the depth.
+    identical_blocks: bool = False
 
     @property
     def model_type(self) -> str:
         return self.config["model_type"]
+
+    @property
+    def block_path(self) -> str:
+        """The blocks' module path in the adapter (what module names in the streams carry)."""
+        return f"{ADAPTER}.{self.blocks}"
+
+    def with_layers(self, n_layers: int) -> HFArgs:
+        """The same model with `n_layers` decoder blocks (the layer memo's short steps)."""
+        return replace(self, n_layers=n_layers, config=config_with_layers(self.config, n_layers))
 
 
 def _transformers() -> Any:
@@ -85,6 +107,23 @@ def _fields(hf: dict) -> dict:
                                              "mixtral, qwen3_moe, gpt2, gemma), in model.hf or "
                                              "in its config.json")
     return fields
+
+
+def config_with_layers(fields: dict, n_layers: int) -> dict:
+    """`fields` with `n_layers` decoder layers: the layer count under the name the config class
+    stores it (GPT-2: `n_layer`; `num_hidden_layers` is its alias), per-layer lists cut."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[fields["model_type"]]
+    name = getattr(cls, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+    out = dict(fields)
+    if name != "num_hidden_layers":
+        out.pop("num_hidden_layers", None)
+    out[name] = n_layers
+    for key in PER_LAYER_FIELDS:
+        if isinstance(out.get(key), list):
+            out[key] = out[key][:n_layers]
+    return out
 
 
 def hf_config(fields: dict, attn_implementation: str = "sdpa") -> Any:
@@ -124,7 +163,16 @@ def _build_hf(cfg: Any) -> nn.Module:
     # experts a token picked cannot run on fake tensors: data-dependent shapes).
     kwargs = ({"experts_implementation": "grouped_mm"}
               if cls._can_set_experts_implementation() else {})
-    return cls._from_config(cfg, **kwargs)
+    try:
+        return cls._from_config(cfg, **kwargs)
+    except ValueError as e:  # transformers' own checks of the config (attention kernels first)
+        text = " ".join(str(e).split())
+        if "attention implementation" in text:
+            raise HFError("training.attention", f"transformers has no {cfg._attn_implementation} "
+                                                f"attention for {cfg.model_type}; allowed: "
+                                                "training.attention=eager") from None
+        raise HFError("model.hf", f"transformers rejects the {cfg.model_type} config: "
+                                  f"{text[:300]}") from None
 
 
 class HFCausalLM(nn.Module):
@@ -132,8 +180,8 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, model: nn.Module, blocks: str) -> None:
         super().__init__()
-        self.hf = model
-        self.simdist_blocks = f"hf.{blocks}"
+        self.hf = model  # the attribute is ADAPTER
+        self.simdist_blocks = f"{ADAPTER}.{blocks}"
 
     def forward(self, tokens: Any) -> Any:
         with _unpacked_batch():
@@ -172,6 +220,55 @@ def find_blocks(model: nn.Module, n_layers: int) -> str:
     return min(found, key=lambda n: (n.count("."), n))
 
 
+def block_signature(block: nn.Module) -> tuple:
+    """What makes one decoder block execute as it does, its index aside: per submodule, its
+    class, parameters and buffers (name, shape, dtype) and plain attributes (a sliding-window
+    layer's `sliding_window`, `layer_type`, `is_sliding`: Gemma's and Qwen2's layers differ
+    only there)."""
+    plain = (bool, int, float, str, type(None))
+    rows = []
+    for name, m in block.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items()
+                             if not k.startswith("_") and k not in _BLOCK_INDEX_ATTRS
+                             and (isinstance(v, plain) or (isinstance(v, tuple)
+                                                           and all(isinstance(x, plain)
+                                                                   for x in v)))))
+        tensors = tuple((n, tuple(t.shape), str(t.dtype), t.requires_grad)
+                        for n, t in [*m.named_parameters(recurse=False),
+                                     *m.named_buffers(recurse=False)])
+        rows.append((name, type(m).__qualname__, attrs, tensors))
+    return tuple(rows)
+
+
+def _blocks_signature(model: nn.Module, blocks: str) -> tuple | None:
+    """The blocks' common signature, or None where they differ."""
+    signatures = {block_signature(b) for b in model.get_submodule(blocks)}
+    return signatures.pop() if len(signatures) == 1 else None
+
+
+def _identical_blocks(fields: dict, impl: str, model: nn.Module, blocks: str,
+                      n_layers: int) -> bool:
+    """The blocks of the model, and of the model rebuilt at the memo's depths, are one block
+    (a config whose layers differ — Gemma's sliding and global layers, Qwen2's
+    max_window_layers — has no memo; nor one whose per-layer fields do not follow the depth)."""
+    import torch
+
+    if n_layers <= max(MEMO_DEPTHS):  # the memo does not apply to so few blocks
+        return False
+    full = _blocks_signature(model, blocks)
+    if full is None:
+        return False
+    for depth in MEMO_DEPTHS:
+        try:
+            with torch.device("meta"):
+                short = _build_hf(hf_config(config_with_layers(fields, depth), impl))
+            if _blocks_signature(short, blocks) != full:
+                return False
+        except (HFError, AttributeError, IndexError):  # no such container / list at that depth
+            return False
+    return True
+
+
 def hf_spec_args(hf: dict, attention: str = "flash") -> HFArgs:
     """Resolve `model.hf` (planner side): the config, built once on meta for what the plan
     checks need. Raises HFError naming the key."""
@@ -193,7 +290,8 @@ def hf_spec_args(hf: dict, attention: str = "flash") -> HFArgs:
                   ffn_dim=g("intermediate_size", "n_inner"),
                   max_seq_len=g("max_position_embeddings"), blocks=blocks, tp_plan=tp_plan,
                   n_experts=g("num_local_experts", "num_experts", "n_routed_experts"),
-                  attn_implementation=impl)
+                  attn_implementation=impl,
+                  identical_blocks=_identical_blocks(fields, impl, model, blocks, n_layers))
 
 
 def build_hf(args: HFArgs) -> nn.Module:
@@ -204,5 +302,5 @@ def build_hf(args: HFArgs) -> nn.Module:
     return HFCausalLM(model, args.blocks)
 
 
-__all__ = ["HFArgs", "HFCausalLM", "HFError", "INSTALL_HINT", "build_hf", "find_blocks",
-           "hf_config", "hf_spec_args"]
+__all__ = ["HFArgs", "HFCausalLM", "HFError", "INSTALL_HINT", "MEMO_DEPTHS", "block_signature",
+           "build_hf", "config_with_layers", "find_blocks", "hf_config", "hf_spec_args"]
