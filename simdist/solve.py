@@ -386,7 +386,7 @@ class Probe:
             lo, hi = c.k_range
             if k < lo or (hi is not None and k > hi):
                 return False
-            if not all(bool(g.expr.xreplace({K: k})) for g in c.guards):
+            if not all(_holds(g.expr, k) for g in c.guards):
                 return False
         cfg = space.config(v)
         n = cfg.num_microbatches
@@ -400,8 +400,14 @@ class Probe:
         return [c.at(v // space.period) for c in self.classes]
 
 
+def _holds(guard: Any, k: int) -> bool:
+    """The guard at k (one that does not evaluate to true or false at k does not hold)."""
+    value = guard.xreplace({K: k})
+    return value is sympy.true or value is True
+
+
 def symbolic_probe(traces: list[SymbolicTrace], run: Any, value: int, space: Space,
-                   limit: int, wall_s: float) -> Probe:
+                   wall_s: float) -> Probe:
     """A Probe from each class's symbolic trace; Fallback where the traces cannot be solved."""
     kmax = space.upper // space.period
     curves = []
@@ -612,15 +618,11 @@ async def _search(space: Space, runner: Runner, method: str, first: int, limit: 
                     for _ in run.tasks]
             try:
                 traces = await runner.symbolic(run.tasks, dims)
-            except Fallback:
-                raise
-            except (KeyboardInterrupt, ConfigError):
-                raise
             except Exception as e:  # noqa: BLE001 - the model cannot run symbolically
                 from simdist.errors import one_line
 
                 raise Fallback(f"the symbolic run at {name} = {v} failed: {one_line(e)}") from e
-            probe = symbolic_probe(traces, run, v, space, limit, time.perf_counter() - t0)
+            probe = symbolic_probe(traces, run, v, space, time.perf_counter() - t0)
             kmax = space.upper // space.period
             x = min(largest_within(c.front, limit, kmax) for c in probe.classes)
             est = space.at_most(x * space.period) if x >= 1 else None
