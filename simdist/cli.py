@@ -1,4 +1,4 @@
-"""`simdist run | sweep | search | compare | report | cache | calibrate` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
+"""`simdist run | sweep | search | fit | compare | report | cache | calibrate` — exit 0 simulated (fits or not), 2 bad input, 1 internal error;
 130 / 143 stopped by SIGINT / SIGTERM (nothing written)."""
 
 from __future__ import annotations
@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--trust-code", action="store_true",
                         help="allow model.entrypoint: it imports and runs the code the config names")
         sp.add_argument("--quiet", action="store_true", help="no progress, no table")
+    fit = sub.add_parser("fit", help="the largest micro-batch or sequence length that fits, from a "
+                                     "symbolic run (DIR/fit.json)")
+    fit.add_argument("config", help="YAML config (see configs/)")
+    fit.add_argument("--solve", required=True, metavar="KEY",
+                     help="the dimension to solve for: training.micro_batch or training.seq_len")
+    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (repeatable)")
+    fit.add_argument("--out", help="output directory (default runs/<config stem>-fit/); "
+                                   "replaces only a previous simdist output directory")
+    fit.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    fit.add_argument("--workers", metavar="N", help="simulation actors: auto or an integer >= 1 "
+                                                    "(default: simulation.workers)")
+    fit.add_argument("--no-cache", action="store_true",
+                     help="do not read or write the shared cache (concrete runs)")
+    fit.add_argument("--trust-code", action="store_true",
+                     help="allow model.entrypoint: it imports and runs the code the config names")
+    fit.add_argument("--quiet", action="store_true", help="no progress, no summary")
     compare = sub.add_parser("compare", help="plans side by side from their run directories")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR",
                          help="two or more run directories (plan.json, ranks.parquet, "
@@ -111,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "
                                            "~/.cache/simdist (or SIMDIST_CACHE_DIR)")
-    for sp in (run, sweep, search, compare, report, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
+    for sp in (run, sweep, search, fit, compare, report, cache):  # `simdist run ... --debug` as well as `simdist --debug run ...`
         sp.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     cal = sub.add_parser("calibrate", help="measure this machine's GPU(s): write a calibration table")
     cal.add_argument("--out", help="the table (default calibration-<gpu>.parquet; sidecar <stem>.json)")
@@ -212,6 +229,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_INTERNAL if any(r["status"] == "failed" for r in res.rows) else EXIT_OK
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Every input check (--solve, the config, --workers, --out) before anything runs."""
+    from simdist.config import check_workers
+    from simdist.rundir import check_out
+    from simdist.solve import check_key
+
+    check_key(args.solve)
+    workers = check_workers(args.workers, "--workers") if args.workers is not None else None
+    out = check_out(args.out if args.out else Path("runs") / f"{Path(args.config).stem}-fit")
+    from simdist.solve import run_fit, summary_lines
+    from simdist.workers.connect import native_stderr_kept_apart
+
+    with native_stderr_kept_apart(enabled=not getattr(args, "debug_all", False)):
+        res = run_fit(args.config, args.solve, args.overrides, out, address=args.address,
+                      workers=workers, use_cache=not args.no_cache, trust_code=args.trust_code,
+                      progress=not args.quiet)
+    if not args.quiet:
+        print("\n".join(summary_lines(res.data)))
+        print(f"wrote {res.out}")
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from simdist.compare import compare_command
 
@@ -247,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_sweep(args)
             if args.command == "search":
                 return cmd_search(args)
+            if args.command == "fit":
+                return cmd_fit(args)
             if args.command == "compare":
                 return cmd_compare(args)
             if args.command == "report":

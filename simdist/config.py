@@ -508,16 +508,22 @@ def load_config(source: str | Path | dict, overrides: list[str] = (), *,
     """Read (YAML path) or take (dict) a config, apply overrides, validate and resolve it.
     `trust_code=True` allows `model.entrypoint` (which imports and runs that code) to be used;
     without it such a config loads but is refused (ConfigError) before anything is imported."""
-    raw = _read(source) if not isinstance(source, dict) else copy.deepcopy(source)
-    # An empty section ("training:" with every line commented out) means its defaults.
-    raw = {k: ({} if v is None else v) for k, v in raw.items()}
-    raw = apply_overrides(raw, list(overrides))
+    raw = raw_config(source, overrides)
     try:
         cfg = SimdistConfig.model_validate(raw)
     except ValidationError as e:
         raise _from_validation(e) from None
     cfg._trust_code = bool(trust_code)
     return cfg
+
+
+def raw_config(source: str | Path | dict, overrides: list[str] = ()) -> dict:
+    """The config as data, before validation: read (YAML path) or copied (dict), overrides
+    applied (what the user wrote, e.g. whether `training.global_batch` is given at all)."""
+    raw = _read(source) if not isinstance(source, dict) else copy.deepcopy(source)
+    # An empty section ("training:" with every line commented out) means its defaults.
+    raw = {k: ({} if v is None else v) for k, v in raw.items()}
+    return apply_overrides(raw, list(overrides))
 
 
 def trusting(cfg: SimdistConfig, trust_code: bool = True) -> SimdistConfig:

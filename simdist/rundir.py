@@ -1,6 +1,6 @@
 """What `--out` may be: a new path, an empty directory, or a previous simdist output directory: a
-run directory (its plan.json records `simdist_version`) or a sweep / search directory (its
-sweep.json records it). Anything else — a file, a project's directory (`--out .`)
+run directory (its plan.json records `simdist_version`), a sweep / search directory (its
+sweep.json records it) or a fit directory (its fit.json). Anything else — a file, a project's directory (`--out .`)
 — is refused before simulating, so a run never deletes what it did not write. The place must
 also be writable: checked by creating (and removing) a temporary directory in the nearest
 existing ancestor, so a read-only place fails before the simulation, not after it."""
@@ -15,7 +15,7 @@ from pathlib import Path
 from simdist.config import ConfigError
 
 MARKER = "simdist_version"  # a key of every plan.json and sweep.json simdist writes
-MARKED_FILES = ("plan.json", "sweep.json")  # a run directory; a sweep or search directory
+MARKED_FILES = ("plan.json", "sweep.json", "fit.json")  # a run; a sweep or search; a fit
 
 
 def _marked(path: Path, name: str) -> bool:
@@ -59,8 +59,9 @@ def check_out(out: str | os.PathLike, key: str = "--out") -> Path:
         except OSError as e:
             raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
         if not empty and not is_output_dir(path):
-            raise ConfigError(key, f"{path} is a directory that is not a simdist run (no plan.json "
-                                   f"or sweep.json with {MARKER}); it is left as it is; {allowed}")
+            raise ConfigError(key, f"{path} is a directory that is not a simdist run (no plan.json, "
+                                   f"sweep.json or fit.json with {MARKER}); it is left as it is; "
+                                   f"{allowed}")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -139,6 +139,44 @@ class RankTask:
         return replace(self, parallel=self.parallel.model_copy(update=changes))
 
 
+@dataclass(frozen=True)
+class SymbolicDim:
+    """A training dimension executed as a size symbol (mode/symbolic.py): its value is `period`
+    x k, k a ShapeEnv symbol whose hint (the value the code's branches are taken at) is `hint`.
+    `model_fields`: fields of the model's arguments that equal the dimension and follow it
+    (Llama's max_seq_len, sized to training.seq_len)."""
+    key: str  # "training.micro_batch" or "training.seq_len"
+    hint: int
+    period: int = 1
+    model_fields: tuple[str, ...] = ()
+
+
+class SizeGuard(NamedTuple):
+    """A condition on k that the execution's branches assumed (torch's ShapeEnv guard)."""
+    expr: Any  # a sympy relation in SIZE_SYMBOL
+    where: str  # the code that made it (file:line)
+
+
+SIZE_SYMBOL = "k"  # the name of k in a SymbolicTrace's expressions (sympy: integer, positive)
+
+
+@dataclass
+class SymbolicTrace:
+    """One rank's step executed with a SymbolicDim: the memory stream (mode/memory.py) with
+    every size a sympy expression in k (Integer where it does not depend on it), valid for
+    every k that satisfies `guards`, lies in `k_range` and gives a micro-batch count per step in
+    `microbatches` (the same program; see mode/step.py: microbatch_span)."""
+    rank: int
+    dim: SymbolicDim
+    memory: list[MemoryEvent]
+    scalars: dict[str, Any]  # StepStreams.scalars, as expressions
+    guards: list[SizeGuard]
+    k_range: tuple[int, int | None]  # what the ShapeEnv assumed of k (None: unbounded)
+    microbatches: tuple[int, int | None]
+    specialised: SizeGuard | None = None  # the guard that fixed k to its hint, if one did
+    wall_s: float = 0.0
+
+
 @dataclass
 class RankTrace:
     rank: int

@@ -124,6 +124,7 @@ def run_pipeline_step(
     num_microbatches: int,
     dtype: torch.dtype,
     seq_shards: int = 1,
+    memory_only: bool = False,
 ) -> dict:
     stages = build_stages(parts, num_stages, pp_group, batch, seq_len, fake_mode, ctx, dtype,
                           seq_shards)
@@ -152,4 +153,4 @@ def run_pipeline_step(
             schedule.step(*args, return_outputs=False, **kwargs)
         return num_microbatches
 
-    return record_step(buffers, optimizer, fake_mode, ctx, group_dims, microbatches)
+    return record_step(buffers, optimizer, fake_mode, ctx, group_dims, microbatches, memory_only)

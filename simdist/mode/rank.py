@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import time
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -70,8 +72,27 @@ def execute_unit(task: RankTask, around_rank: AbstractContextManager | None = No
 
 def execute_rank(task: RankTask) -> RankTrace:
     """Execute one rank's step in full; the trace keeps its event streams."""
+    return RankTrace(rank=task.rank, **run_rank_step(task))
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """How a step is executed where it is not the task's own (mode/symbolic.py): under a
+    FakeTensorMode with this ShapeEnv, with these micro-batch and sequence sizes (SymInts there),
+    recording only the memory stream."""
+    shape_env: Any = None
+    batch: Any = None  # None: task.training.micro_batch
+    seq_len: Any = None  # None: task.training.seq_len
+    memory_only: bool = False
+
+
+def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
+    """The trace fields of one rank's step, executed in full (`inputs.memory_only`: its
+    `streams` alone, see mode/step.py: record_step)."""
     t0 = time.perf_counter()
     training, par, family = task.training, task.parallel, task.model.registration
+    batch = training.micro_batch if inputs.batch is None else inputs.batch
+    seq_len = training.seq_len if inputs.seq_len is None else inputs.seq_len
     ctx = StepContext(track_modules=not (par.pp > 1 and par.pp_schedule == "zero_bubble"))
     with rank_session(task.rank, task.layout.world_size, ctx):
         mesh = build_device_mesh(task.layout)
@@ -84,7 +105,7 @@ def execute_rank(task: RankTask) -> RankTrace:
             family.parallelize(part, mesh, plan)
         model = nn.ModuleList([part for _, part in parts])
         tied = _tied_parameters(model)
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=inputs.shape_env)
         with fake_mode:
             model.to_empty(device="cpu")
         _retie(model, tied)
@@ -97,8 +118,8 @@ def execute_rank(task: RankTask) -> RankTrace:
                 optimizer = make_optimizer(model, training.optimizer)
             init_optimizer_state(model, optimizer)
         common = dict(group_dims=mesh_group_dims(mesh), vocab_size=_vocab(task),
-                      batch=training.micro_batch, seq_len=training.seq_len,
-                      num_microbatches=task.num_microbatches)
+                      batch=batch, seq_len=seq_len, num_microbatches=task.num_microbatches,
+                      memory_only=inputs.memory_only)
         if par.pp > 1:
             fields = run_pipeline_step(
                 parts, optimizer, fake_mode, ctx, pp_group=mesh["pp"].get_group(),
@@ -107,7 +128,7 @@ def execute_rank(task: RankTask) -> RankTrace:
         else:
             cp = par.cp
             if cp > 1:  # this rank's tokens: seq / cp, attention as ring attention
-                common["seq_len"] = training.seq_len // cp
+                common["seq_len"] = seq_len // cp
             fields = run_step(parts[0][1], optimizer, fake_mode, ctx,
                               all_microbatches=task.all_microbatches,
                               loss_parallel=plan.loss_parallel,
@@ -117,7 +138,7 @@ def execute_rank(task: RankTask) -> RankTrace:
                                                     family.attention_modules) if cp > 1
                                             else contextlib.nullcontext), **common)
     fields["wall_s"] = time.perf_counter() - t0
-    return RankTrace(rank=task.rank, **fields)
+    return fields
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:

@@ -79,11 +79,17 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 @contextlib.contextmanager
-def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
-    colls = CollectiveRecorder(ctx, group_dims)
-    ops = OpCounter(ctx)
+def recording(ctx: StepContext, group_dims: dict[str, str], memory_only: bool = False):  # noqa: ANN201
+    """The recorders of a step, entered; `memory_only`: the storage timeline alone (a symbolic
+    run, mode/symbolic.py: the op and collective recorders turn sizes into Python ints, which
+    would specialise a symbolic size to its hint); the others are then None."""
     mem = MemoryTracker(ctx)
-    ctx.kernels = KernelStream(ctx)  # notified by the op and collective recorders
+    if memory_only:
+        colls = ops = None
+    else:
+        colls = CollectiveRecorder(ctx, group_dims)
+        ops = OpCounter(ctx)
+        ctx.kernels = KernelStream(ctx)  # notified by the op and collective recorders
 
     def checkpoint_inputs(args: tuple) -> None:
         for t in tree_iter(args):
@@ -93,7 +99,8 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     try:
         # CUDA's kernels for F.scaled_dot_product_attention, F.rms_norm, F.dropout and LayerNorm's
         # statistics (mode/cuda.py), entered first: the recorders see the ops a GPU runs.
-        with cuda_semantics(ctx), ctx.mod_tracker, colls, ops, mem, \
+        with cuda_semantics(ctx), ctx.mod_tracker, colls or contextlib.nullcontext(), \
+                ops or contextlib.nullcontext(), mem, \
                 observe_checkpoint_inputs(checkpoint_inputs), fsdp_streams(ctx):
             yield colls, ops, mem, ctx.kernels
     finally:
@@ -107,16 +114,18 @@ def record_step(
     ctx: StepContext,
     group_dims: dict[str, str],
     run_microbatches: Callable[[MemoryTracker], int],
+    memory_only: bool = False,
 ) -> dict:
     """Record one step: `run_microbatches` runs every forward and backward of the step (and
     returns how many micro-batches it executed); then the optimizer step. Returns the trace
-    fields (see RankTrace)."""
+    fields (see RankTrace); `memory_only`: only `streams`, with the memory stream and the
+    scalars (see `recording`)."""
     t0 = time.perf_counter()
     # The parameters the optimizer updates (FSDP's sharded ones): a module's `parameters()` may
     # list unsharded views while FSDP holds them gathered.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     streams = StepStreams()
-    with fake_mode, recording(ctx, group_dims) as (colls, ops, mem, kernels):
+    with fake_mode, recording(ctx, group_dims, memory_only) as (colls, ops, mem, kernels):
         mem.track_existing(params, "param")
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
         mem.track_existing(resident, "buffer")
@@ -130,11 +139,13 @@ def record_step(
             optimizer.step()
             optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
             optimizer.zero_grad(set_to_none=True)
-    streams.memory, streams.ops, streams.collectives = mem.close(), ops.events, colls.events
-    streams.kernels = kernels.events
+    streams.memory = mem.close()
     streams.scalars = dict(initial_live=initial_live, initial_saved=initial_saved,
                            param_bytes=param_bytes, grad_bytes=grad_bytes,
                            optimizer_bytes=optimizer_bytes, executed_microbatches=executed)
+    if memory_only:
+        return dict(streams=streams, wall_s=time.perf_counter() - t0)
+    streams.ops, streams.collectives, streams.kernels = ops.events, colls.events, kernels.events
     fields = summarize(streams)
     fields["wall_s"] = time.perf_counter() - t0
     fields["streams"] = streams
@@ -148,6 +159,17 @@ def microbatch_weights(n: int, all_microbatches: bool, last_differs: bool) -> li
     if all_microbatches or n <= 2:
         return [1] * n
     return [1, n - 2, 1] if last_differs else [1, n - 1]
+
+
+def microbatch_span(n: int, all_microbatches: bool, last_differs: bool) -> tuple[int, int | None]:
+    """The micro-batch counts per step (lowest, highest; None: unbounded) whose step executes
+    the same micro-batches as `n`'s (microbatch_weights: the same list up to the weights). Their
+    memory streams are the same: a weight scales an op's FLOPs, never an allocation."""
+    if all_microbatches or n == 1:
+        return n, n
+    if last_differs:
+        return (2, 2) if n == 2 else (3, None)
+    return 2, None
 
 
 def run_step(
@@ -165,10 +187,12 @@ def run_step(
     loss_parallel: bool = False,
     step_context: Callable[[], Any] = contextlib.nullcontext,
     grad_sync: GradSync = PER_MICROBATCH,
+    memory_only: bool = False,
 ) -> dict:
     """One step without pipelining: a gradient-accumulation loop, with FSDP2's gradient sync
     set before each micro-batch as `grad_sync` says. `step_context` wraps the forwards and
-    backwards (context parallelism; then `seq_len` is the local length)."""
+    backwards (context parallelism; then `seq_len` is the local length). `memory_only`: see
+    record_step."""
     weights = microbatch_weights(num_microbatches, all_microbatches, grad_sync.last_differs)
     executed = len(weights)
 
@@ -192,4 +216,5 @@ def run_step(
             del loss, tokens, labels
         return executed
 
-    return record_step(list(model.buffers()), optimizer, fake_mode, ctx, group_dims, microbatches)
+    return record_step(list(model.buffers()), optimizer, fake_mode, ctx, group_dims, microbatches,
+                       memory_only)

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 
 from simdist.trace import StepStreams
-from simdist.trace import RankTask, RankTrace
+from simdist.trace import RankTask, RankTrace, SymbolicDim, SymbolicTrace
 
 
 class RankWorker:
@@ -46,3 +46,10 @@ class RankWorker:
         """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
         (simdist.memo.MemoJob.build: a BuildResult)."""
         return job.build(runs), self.node_id()
+
+    def symbolic(self, task: RankTask, dim: SymbolicDim) -> tuple[SymbolicTrace, str]:
+        """`task`'s step with `dim` a size symbol (simdist.mode.symbolic: the memory stream as
+        expressions); never through the shared dispatch cache."""
+        from simdist.mode.symbolic import execute_symbolic
+
+        return execute_symbolic(task, dim), self.node_id()

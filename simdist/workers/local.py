@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from simdist.mode.rank import execute_unit
-from simdist.trace import RankTask, StepStreams
+from simdist.trace import RankTask, StepStreams, SymbolicDim
 
 
 class LocalPool:
@@ -25,6 +25,14 @@ class LocalPool:
 
     def build(self, job: Any, runs: list[StepStreams]) -> asyncio.Future:
         return _done(job.build(runs))
+
+    def symbolic(self, task: RankTask, dim: SymbolicDim) -> asyncio.Future:
+        from simdist.mode.symbolic import execute_symbolic
+
+        return _done(execute_symbolic(task, dim))
+
+    async def close(self) -> None:
+        return None
 
 
 def _done(value: Any) -> asyncio.Future:

@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from simdist.mode.layer_memo import rank_blocks
 from simdist.trace import StepStreams
-from simdist.trace import RankTask
+from simdist.trace import RankTask, SymbolicDim
 from simdist.workers.actor import RankWorker
 
 def pool_size(requested: int | str | None, num_tasks: int) -> int:
@@ -93,6 +93,12 @@ class ActorPool:
             return asyncio.ensure_future(self._build_here(job, runs))
         return self._submit(-math.inf, ("build", job, runs))
 
+    def symbolic(self, task: RankTask, dim: SymbolicDim) -> asyncio.Future:
+        """`task`'s step with `dim` symbolic on some actor; resolves to its SymbolicTrace."""
+        if not self.actors:
+            raise RuntimeError("ActorPool without actors cannot execute ranks")
+        return self._submit(-rank_blocks(task), ("symbolic", task, dim))
+
     async def _build_here(self, job: Any, runs: list[StepStreams]) -> Any:
         result = await asyncio.to_thread(job.build, runs)
         self.nodes.add(ray.get_runtime_context().get_node_id())
@@ -131,8 +137,8 @@ class ActorPool:
 
     async def _call(self, actor: Any, call: tuple) -> Any:
         kind, *args = call
-        if kind == "build":
-            result, node = await actor.build.remote(*args)
+        if kind in ("build", "symbolic"):
+            result, node = await getattr(actor, kind).remote(*args)
             self.nodes.add(node)
             return result
         task, keep_streams = args
