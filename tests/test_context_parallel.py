@@ -27,7 +27,9 @@ def test_cp_shards_sequence_parameters_and_exchanges_kv():
     kv = 2 * (1 * a.n_heads * S * a.head_dim * 2)  # K and V, bf16, whole sequence
     assert c[("fwd", "all_gather", kv)] == L
     assert c[("bwd", "all_gather", kv)] == L
-    assert sum(n for (ph, kind, _), n in c.items() if ph == "bwd" and kind == "all_to_all") > 0
+    # and rotates cat(dK, dV) of its S / CP tokens, fp32, once per ring step (all-to-all)
+    dkv = 2 * (1 * a.n_heads * (S // CP) * a.head_dim * 4)
+    assert c[("bwd", "all_to_all", dkv)] == CP * L
     # Saved activations, tensor by tensor (conftest.llama3_saved_bytes): everything on S / CP
     # tokens, except per layer wo's input on CP rank 0, a copy of ring attention's merged
     # [b, heads, s, d] output (+2bsh/CP; CUDA flash's own output is laid out [b, s, heads, d]
