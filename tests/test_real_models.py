@@ -142,6 +142,46 @@ def test_hf_config_json_and_tensor_parallel_plan(tmp_path):
     assert plan_run(cfg, use_cache=False).spec.args.n_layers == 3
 
 
+def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
+    """Qwen3's `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down, and its
+    per-head q_norm / k_norm `replicated_with_grad_allreduce`; simdist's plan adds the
+    vocab-sharded embedding and head (embedding_rowwise, colwise_gather_output)."""
+    pytest.importorskip("transformers")
+    a, L, s, t = HF_CASES["qwen3"], 2, 128, 2
+    h, hd = a["hidden_size"], a["head_dim"]
+
+    def trace(tp: int):  # noqa: ANN202
+        cfg = load_config({"model": {"hf": dict(model_type="qwen3", **a)},
+                           "training": {"seq_len": s}, "cluster": {"gpus_per_node": tp},
+                           "parallel": {"tp": tp}})
+        run = plan_run(cfg, use_cache=False)
+        return run.spec, simulate_rank(run.tasks[0])
+
+    spec1, tp1 = trace(1)
+    _, tp2 = trace(t)
+    c = collections.Counter()
+    for r in tp2.collectives.to_pylist():
+        assert r["mesh_dim"] == "tp" and r["group_size"] == t
+        c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    act = 1 * s * h * 2  # one bf16 [b, s, h] activation, micro-batch 1
+    assert dict(c) == {
+        # forward: the partial outputs of o_proj and down_proj, and the vocab-sharded
+        # embedding's output; loss_parallel's max, sum-exp and target logit (fp32 per token)
+        ("fwd", "all_reduce", act): 2 * L + 1, ("fwd", "all_reduce", s * 4): 3,
+        # backward: the input gradient of each colwise projection (q, k, v, gate, up: no
+        # PrepareModuleInput in transformers' plan, so one each) and of the head
+        ("bwd", "all_reduce", act): 5 * L + 1,
+        # q_norm and k_norm weights (bf16 [head_dim]): each rank's gradient covers its heads
+        ("bwd", "all_reduce", hd * 2): 2 * L}
+    # parameters (fp32) split by t, except every norm weight: input and post-attention
+    # layernorms, q_norm, k_norm, the final norm
+    n = count_params(build_model(spec1, "meta"))
+    replicated = (2 * L + 1) * h + 2 * L * hd
+    assert tp1.param_bytes == 4 * n
+    assert tp2.param_bytes == 4 * ((n - replicated) // t + replicated)
+    assert tp2.flops * t == tp1.flops  # matmuls and attention split by heads / columns
+
+
 @pytest.mark.parametrize("model_type, words", [
     ("mixtral", ["parallel.tp", "moe_tp_experts"]),
     ("gpt2", ["parallel.tp", "no tensor-parallel plan"]),

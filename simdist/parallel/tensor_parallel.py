@@ -155,6 +155,14 @@ def tp_style(style: str, loss_parallel: bool) -> object | None:
     if style == "colwise_gather_output":  # the head: logits kept vocab-sharded for loss_parallel
         return ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                use_local_output=not loss_parallel)
+    if style == "replicated_with_grad_allreduce":
+        # A norm between a colwise and a rowwise layer (Qwen3's per-head q_norm / k_norm): it
+        # normalises head_dim of a [..., heads, head_dim] view holding this rank's heads, so
+        # its replicated weight's gradient covers only those heads and is summed over the TP
+        # ranks (transformers all-reduces it). As DTensor: the input is a Shard(-2) (heads)
+        # DTensor, the weight Replicate; its Partial gradient is all-reduced; no forward
+        # collective (SequenceParallel's mechanics, on the head dim).
+        return SequenceParallel(sequence_dim=-2, use_local_output=True)
     return None
 
 
