@@ -143,9 +143,9 @@ def test_hf_config_json_and_tensor_parallel_plan(tmp_path):
 
 
 def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
-    """Qwen3's `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down, and its
-    per-head q_norm / k_norm `replicated_with_grad_allreduce`; simdist's plan adds the
-    vocab-sharded embedding and head (embedding_rowwise, colwise_gather_output)."""
+    """Qwen3's own `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down,
+    per-head q_norm / k_norm `replicated_with_grad_allreduce`, the vocab-sharded embedding
+    (embedding_rowwise) and head (colwise_gather_output, kept sharded for loss_parallel)."""
     pytest.importorskip("transformers")
     a, L, s, t = HF_CASES["qwen3"], 2, 128, 2
     h, hd = a["hidden_size"], a["head_dim"]
