@@ -118,7 +118,9 @@ def _check_hf(cfg: SimdistConfig, spec: ModelSpec) -> None:
                                              f"styles simdist does not map to DTensor ({listed}); "
                                              "supported: colwise, rowwise, embedding_rowwise, "
                                              "colwise_gather_output, "
-                                             "replicated_with_grad_allreduce; allowed: tp=1")
+                                             "replicated_with_grad_allreduce, moe_tp_experts "
+                                             "(with packed_colwise / colwise / rowwise expert "
+                                             "weights); allowed: tp=1")
 
 
 def _check_blocks(spec: ModelSpec) -> None:
