@@ -117,7 +117,10 @@ def _check_hf(cfg: SimdistConfig, spec: ModelSpec) -> None:
             raise ConfigError("parallel.tp", f"{args.model_type}'s tensor-parallel plan uses "
                                              f"styles simdist does not map to DTensor ({listed}); "
                                              "supported: colwise, rowwise, embedding_rowwise, "
-                                             "colwise_gather_output; allowed: tp=1")
+                                             "colwise_gather_output, "
+                                             "replicated_with_grad_allreduce, moe_tp_experts "
+                                             "(with packed_colwise / colwise / rowwise expert "
+                                             "weights); allowed: tp=1")
 
 
 def _check_blocks(spec: ModelSpec) -> None:

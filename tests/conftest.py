@@ -142,3 +142,44 @@ def report_dirs(tmp_path_factory):  # noqa: ANN201 - simdist.report tests: kind 
     cmp = compare([out["run"], out["sweep"] / "plans" / "0", out["sweep"] / "plans" / "4"])
     out["compare"] = write_html(root / "compare.html", to_html(cmp))
     return out
+
+def llama3_saved_bytes(a, *, batch: int, seq_len: int, n_layers: int, tp: int = 1,  # noqa: ANN001
+                       sequence_parallel: bool = False, cp: int = 1, cp_rank: int = 0) -> int:
+    """Saved-activation bytes of one micro-batch of simdist's llama3 on one rank (bf16, CUDA
+    kernels: simdist/models/kernels.py), derived tensor by tensor from the code, as
+    tests/test_korthikanti.py derives GPT's. b micro-batch, s tokens on the rank (seq / cp),
+    h dim, H heads, kv kv-heads, d head_dim, F ffn_dim, V vocab, t TP degree.
+
+    Per layer:
+      attention_norm, ffn_norm (fused RMSNorm saves input and fp32 rstd [b, s, 1]): 2 x
+        (2bsh + 4bs), on the rank's s/t sequence shard with SP
+      wq/wk/wv input (the norm output, shared) and w1/w3 input: 2 x 2bsh, the whole sequence
+        also with SP: plain DTensor TP + SP (torchtitan's plan) keeps the all-gathered input
+      flash attention saves q (2bs(H/t)d), k and v after repeat_kv, out (2bs(H/t)d; wo's input
+        is a view: CUDA flash writes [b, s, heads, d]), lse (fp32 [b, H/t, s]) and the philox
+        rng state (uint64 [2] + uint64 []: 24 B, not sharded). repeat_kv's reshape of the
+        expand copies to H/t heads, except when the rank holds one kv head (kv/t = 1) or needs
+        no repeat: then it is a view of the kv/t-head storage
+      ring attention (cp > 1): torch's _SDPAMerger keeps the first step's flash layout, but a
+        step that updates half the queries (step i > cp rank: every rank but the last) rebuilds
+        the output by torch.cat, [b, heads, s, d] contiguous: wo's input is then a copy, +2bsh
+      feed-forward: w1 out, silu out, w3 out, w2 input: 4 x 2bs(F/t)
+    Once per step:
+      token ids int64 8bs; RoPE cos and sin bf16 [max_seq_len, d] each, whole tables (the
+      `cos[:s]` slice is a view; under CP too), saved by layer 0's rope and shared by all; final
+      norm 2bsh + 4bs (s/t with SP); head input 2bsh; fp32 log-softmax 4bsV/t (loss_parallel
+      keeps it vocab-sharded); nll_loss's int64 targets 8bs and fp32 total_weight 4.
+    """
+    b, s, h, d = batch, seq_len // cp, a.dim, a.head_dim
+    s_norm = s // tp if sequence_parallel else s
+    heads, kv_local = a.n_heads // tp, a.n_kv_heads // tp
+    kv_heads = kv_local if kv_local == 1 or kv_local == heads else heads
+    layer = (2 * (2 * b * s_norm * h + 4 * b * s_norm)  # the two norms
+             + 2 * 2 * b * s * h  # attention and feed-forward inputs
+             + 2 * b * s * heads * d * 2 + 2 * 2 * b * s * kv_heads * d  # q, out; k, v
+             + 4 * b * heads * s + 24  # lse, rng state
+             + (2 * b * s * h if cp_rank < cp - 1 else 0)  # ring attention: wo's input copied
+             + 4 * 2 * b * s * a.ffn_dim // tp)
+    once = (8 * b * s + 2 * 2 * a.max_seq_len * d + 2 * b * s_norm * h + 4 * b * s_norm
+            + 2 * b * s * h + 4 * b * s * a.vocab_size // tp + 8 * b * s + 4)
+    return n_layers * layer + once

@@ -346,10 +346,31 @@ def test_op_level_checkpointing_keeps_every_other_matmul_and_attention():
     assert _per_layer_saved("llama3-debug", "flash", ac="op") == expected
 
 
+def _recomputed_fwd_flops(a, b: int, s: int, ac: str) -> int:  # noqa: ANN001
+    """Forward FLOPs one block re-runs in backward under each checkpointing mode (llama3,
+    b x s tokens): 2 m n k per matmul, 4 b s^2 dim per flash attention forward.
+    - full: the whole block up to its last op that saves a tensor (checkpoint's early stop),
+      so all but w2 (see the test above);
+    - selective: the attention core, one flash attention forward;
+    - op (torchtitan's op SAC, its matmul count restarting at every block's checkpoint): the
+      outputs of wq, wv, w1, w2 (matmuls 1, 3, 5, 7) and of flash attention are kept, so the
+      recompute re-runs wk (its output becomes k, which flash's backward needs), wo (its
+      output feeds the residual that ffn_norm saves) and w3 (its output is saved by the SwiGLU
+      product); w2's output is needed by nothing, so early stop ends before it."""
+    mm, flash = _llama_block_fwd_flops(a, b, s)
+    wk = 2 * b * s * a.dim * a.n_kv_heads * a.head_dim
+    wo, w3, w2 = (2 * b * s * a.dim * n for n in (a.dim, a.ffn_dim, a.ffn_dim))
+    return {"full": mm - w2 + flash, "selective": flash, "op": wk + wo + w3}[ac]
+
+
 @pytest.mark.parametrize("ac", ["full", "selective", "op"])
 def test_recompute_adds_executed_flops_but_not_model_flops(ac):
-    model = spec("llama3-debug", n_layers=2)
-    base = run_rank(model, micro_batch=2)
-    tr = run_rank(model, activation_checkpointing=ac, micro_batch=2)
+    b, s, L = 2, 256, 2
+    model = spec("llama3-debug", n_layers=L, seq_len=s)
+    base = run_rank(model, micro_batch=b, seq_len=s)
+    tr = run_rank(model, activation_checkpointing=ac, micro_batch=b, seq_len=s)
     assert tr.model_flops == base.model_flops
-    assert tr.flops > base.flops
+    # the recomputed forward runs in the backward phase; nothing else changes
+    assert tr.flops == base.flops + L * _recomputed_fwd_flops(model.args, b, s, ac)
+    fwd = lambda t: sum(r["flops"] for r in t.ops.to_pylist() if r["phase"] == "fwd")  # noqa: E731
+    assert fwd(tr) == fwd(base)

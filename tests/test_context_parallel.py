@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import collective_counts, run_rank, spec
+from conftest import collective_counts, llama3_saved_bytes, run_rank, spec
 
 S, CP, L = 512, 4, 2
 
@@ -27,9 +27,16 @@ def test_cp_shards_sequence_parameters_and_exchanges_kv():
     kv = 2 * (1 * a.n_heads * S * a.head_dim * 2)  # K and V, bf16, whole sequence
     assert c[("fwd", "all_gather", kv)] == L
     assert c[("bwd", "all_gather", kv)] == L
-    assert sum(n for (ph, kind, _), n in c.items() if ph == "bwd" and kind == "all_to_all") > 0
-    # activations shrink with the sequence shard
-    assert tr.activation_bytes < base.activation_bytes / 2
+    # and rotates cat(dK, dV) of its S / CP tokens, fp32, once per ring step (all-to-all)
+    dkv = 2 * (1 * a.n_heads * (S // CP) * a.head_dim * 4)
+    assert c[("bwd", "all_to_all", dkv)] == CP * L
+    # Saved activations, tensor by tensor (conftest.llama3_saved_bytes): everything on S / CP
+    # tokens, except per layer wo's input on CP rank 0, a copy of ring attention's merged
+    # [b, heads, s, d] output (+2bsh/CP; CUDA flash's own output is laid out [b, s, heads, d]
+    # and wo's input a view of it) and the 24 B flash rng state; per step
+    # the whole RoPE tables (2 x 2 x S x head_dim) and the fp32 total_weight scalar.
+    assert base.activation_bytes == llama3_saved_bytes(a, batch=1, seq_len=S, n_layers=L)
+    assert tr.activation_bytes == llama3_saved_bytes(a, batch=1, seq_len=S, n_layers=L, cp=CP)
 
 
 def _fsdp_bytes(a, n_layers: int) -> int:  # noqa: ANN001
@@ -71,3 +78,8 @@ def test_cp_collective_bytes_and_attention_flops_are_exact():
         fwd = L * (step0 + (CP - 1) * step0 // 2)
         assert _per_op(tr, "fwd", lambda op: "flash_attention" in op) == fwd
         assert _per_op(tr, "bwd", lambda op: "flash_attention" in op) == fwd * 5 // 2
+        # saved activations (conftest.llama3_saved_bytes): the last CP rank's ring never takes
+        # a half-query step, so its attention output keeps flash's layout and wo's input is a
+        # view, 2 b local h bytes per layer fewer than rank 0
+        assert tr.activation_bytes == llama3_saved_bytes(a, batch=b, seq_len=S, n_layers=L,
+                                                         cp=CP, cp_rank=rank)

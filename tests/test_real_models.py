@@ -170,13 +170,98 @@ def test_hf_config_json_and_tensor_parallel_plan(tmp_path):
     assert plan_run(cfg, use_cache=False).spec.args.n_layers == 3
 
 
+def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
+    """Qwen3's own `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down,
+    per-head q_norm / k_norm `replicated_with_grad_allreduce`, the vocab-sharded embedding
+    (embedding_rowwise) and head (colwise_gather_output, kept sharded for loss_parallel)."""
+    pytest.importorskip("transformers")
+    a, L, s, t = HF_CASES["qwen3"], 2, 128, 2
+    h, hd = a["hidden_size"], a["head_dim"]
+
+    def trace(tp: int):  # noqa: ANN202
+        cfg = load_config({"model": {"hf": dict(model_type="qwen3", **a)},
+                           "training": {"seq_len": s}, "cluster": {"gpus_per_node": tp},
+                           "parallel": {"tp": tp}})
+        run = plan_run(cfg, use_cache=False)
+        return run.spec, simulate_rank(run.tasks[0])
+
+    spec1, tp1 = trace(1)
+    _, tp2 = trace(t)
+    c = collections.Counter()
+    for r in tp2.collectives.to_pylist():
+        assert r["mesh_dim"] == "tp" and r["group_size"] == t
+        c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    act = 1 * s * h * 2  # one bf16 [b, s, h] activation, micro-batch 1
+    assert dict(c) == {
+        # forward: the partial outputs of o_proj and down_proj, and the vocab-sharded
+        # embedding's output; loss_parallel's max, sum-exp and target logit (fp32 per token)
+        ("fwd", "all_reduce", act): 2 * L + 1, ("fwd", "all_reduce", s * 4): 3,
+        # backward: the input gradient of each colwise projection (q, k, v, gate, up: no
+        # PrepareModuleInput in transformers' plan, so one each) and of the head
+        ("bwd", "all_reduce", act): 5 * L + 1,
+        # q_norm and k_norm weights (bf16 [head_dim]): each rank's gradient covers its heads
+        ("bwd", "all_reduce", hd * 2): 2 * L}
+    # parameters (fp32) split by t, except every norm weight: input and post-attention
+    # layernorms, q_norm, k_norm, the final norm
+    n = count_params(build_model(spec1, "meta"))
+    replicated = (2 * L + 1) * h + 2 * L * hd
+    assert tp1.param_bytes == 4 * n
+    assert tp2.param_bytes == 4 * ((n - replicated) // t + replicated)
+    assert tp2.flops * t == tp1.flops  # matmuls and attention split by heads / columns
+
+
+def test_hf_mixtral_tensor_parallel_experts_from_its_own_plan_are_exact():
+    """Mixtral's `_tp_plan`: attention colwise/rowwise as Qwen3's, and `moe_tp_experts` (every
+    rank a slice of every expert: the packed gate_up_proj [E, 2I, h] on its 2I rows, down_proj
+    [E, h, I] on I, as the plan's packed_colwise / rowwise parameter entries say), the router
+    replicated."""
+    pytest.importorskip("transformers")
+    a, L, s, t = HF_CASES["mixtral"], 2, 128, 2
+    h, E, k = a["hidden_size"], a["num_local_experts"], a["num_experts_per_tok"]
+
+    def trace(tp: int):  # noqa: ANN202
+        cfg = load_config({"model": {"hf": dict(model_type="mixtral", **a)},
+                           "training": {"seq_len": s}, "cluster": {"gpus_per_node": tp},
+                           "parallel": {"tp": tp}})
+        run = plan_run(cfg, use_cache=False)
+        return run.spec, simulate_rank(run.tasks[0])
+
+    spec1, tp1 = trace(1)
+    _, tp2 = trace(t)
+    c = collections.Counter()
+    for r in tp2.collectives.to_pylist():
+        assert r["mesh_dim"] == "tp" and r["group_size"] == t
+        c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    act = 1 * s * h * 2  # one bf16 [b, s, h] activation, micro-batch 1
+    assert dict(c) == {
+        # forward: o_proj's and the experts' partial outputs, the vocab-sharded embedding's
+        # output; loss_parallel's max, sum-exp and target logit (fp32 per token)
+        ("fwd", "all_reduce", act): 2 * L + 1, ("fwd", "all_reduce", s * 4): 3,
+        # backward: the input gradients of q, k, v (one each), of the experts (the hidden
+        # states every rank's expert slices read) and of the head
+        ("bwd", "all_reduce", act): 4 * L + 1,
+        # and of the routing weights the experts scale by ([s, k], fp32: the router's softmax
+        # runs in fp32)
+        ("bwd", "all_reduce", s * k * 4): L}
+    # parameters (fp32) split by t, except the norms and the router [E, h]
+    n = count_params(build_model(spec1, "meta"))
+    replicated = (2 * L + 1) * h + L * E * h
+    assert tp1.param_bytes == 4 * n
+    assert tp2.param_bytes == 4 * ((n - replicated) // t + replicated)
+    # FLOPs split by t, except the replicated router's matmul (forward, input and weight
+    # gradients: 3 x 2 s h E per layer), which every rank runs whole
+    router = L * 3 * 2 * s * h * E
+    assert tp2.flops == (tp1.flops - router) // t + router
+
+
 @pytest.mark.parametrize("model_type, words", [
-    ("mixtral", ["parallel.tp", "moe_tp_experts"]),
+    ("phi3", ["parallel.tp", "rowwise_split_input"]),
     ("gpt2", ["parallel.tp", "no tensor-parallel plan"]),
 ])
 def test_hf_tp_styles_without_a_dtensor_style_are_config_errors(model_type, words):
     pytest.importorskip("transformers")
-    cfg = load_config({"model": {"hf": dict(model_type=model_type, **HF_CASES[model_type])},
+    fields = HF_CASES.get(model_type) or dict(SMALL, pad_token_id=0)  # phi3: pad id in vocab
+    cfg = load_config({"model": {"hf": dict(model_type=model_type, **fields)},
                        "training": {"seq_len": 128}, "cluster": {"gpus_per_node": 2},
                        "parallel": {"tp": 2}})
     with pytest.raises(ConfigError) as info:

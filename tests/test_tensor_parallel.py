@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import collective_counts, run_rank, spec
+from conftest import collective_counts, llama3_saved_bytes, run_rank, spec
 
 from simdist.families import build_model, count_params
 
@@ -61,8 +61,14 @@ def test_tp_shards_parameters_and_flops_exactly(model):
     assert tp4.param_bytes == 4 * ((n - norms) // 4 + norms) // 2
     assert tp4.flops * 4 == tp1.flops
     assert tp4.model_flops * 4 == tp1.model_flops
-    # sequence parallelism shards every activation that TP alone keeps replicated
-    assert tp4.activation_bytes < tp1.activation_bytes / 2
+    # Saved activations, tensor by tensor (conftest.llama3_saved_bytes). Against tp1 / 4, each
+    # TP4 + SP layer keeps 294,930 B more: the gathered [b, s, h] inputs of wq/wk/wv and w1/w3
+    # (2 x 2bsh x 3/4 = 393,216), less k and v, which with one kv head per rank are views of
+    # that head (repeat_kv's reshape of the expand copies nothing): 2 x 2bsd x (16/4 - 1) =
+    # -98,304; and the unsharded flash rng state, 24 x 3/4 = 18.
+    assert tp1.activation_bytes == llama3_saved_bytes(a, batch=B, seq_len=S, n_layers=L)
+    assert tp4.activation_bytes == llama3_saved_bytes(a, batch=B, seq_len=S, n_layers=L, tp=4,
+                                                      sequence_parallel=True)
 
 
 def test_tp_collectives_are_exactly_the_derived_set(model):
@@ -76,6 +82,8 @@ def test_tp_collectives_are_exactly_the_derived_set(model):
         ("fwd", "all_reduce", act): 2 * L + 1, ("bwd", "all_reduce", act): 2 * L + 1,
         ("fwd", "all_reduce", per_token_fp32): 3}
     assert no_sp.comm_bytes == 2 * (2 * L + 1) * act + 3 * per_token_fp32
+    # without SP the norms and their inputs stay replicated [b, s, h] (conftest's derivation)
+    assert no_sp.activation_bytes == llama3_saved_bytes(a, batch=B, seq_len=S, n_layers=L, tp=4)
     sp = run_rank(model, tp=4, micro_batch=B, sequence_parallel=True)
     expected = {("fwd", "all_gather", act): 2 * L + 1, ("fwd", "reduce_scatter", act): 2 * L + 1,
                 ("bwd", "all_gather", act): 2 * L + 1, ("bwd", "reduce_scatter", act): 2 * L + 1,

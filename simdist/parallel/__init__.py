@@ -106,7 +106,8 @@ def parallelize_moe(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> N
 def parallelize_hf(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> None:
     """A Hugging Face model in simdist's adapter (simdist/models/hf.py): TP from the model's own
     `_tp_plan` (checked by the planner: colwise, rowwise, embedding_rowwise,
-    colwise_gather_output), checkpointing and FSDP2 per decoder block (`simdist_blocks`)."""
+    colwise_gather_output, replicated_with_grad_allreduce, moe_tp_experts), checkpointing and
+    FSDP2 per decoder block (`simdist_blocks`)."""
     if plan.layout.degree("tp") > 1:
         apply_tp_plan(model.hf, mesh["tp"], tuple((model.hf._tp_plan or {}).items()),
                       plan.loss_parallel)

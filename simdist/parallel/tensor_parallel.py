@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -155,11 +156,90 @@ def tp_style(style: str, loss_parallel: bool) -> object | None:
     if style == "colwise_gather_output":  # the head: logits kept vocab-sharded for loss_parallel
         return ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                use_local_output=not loss_parallel)
+    if style == "replicated_with_grad_allreduce":
+        # A norm between a colwise and a rowwise layer (Qwen3's per-head q_norm / k_norm): it
+        # normalises head_dim of a [..., heads, head_dim] view holding this rank's heads, so
+        # its replicated weight's gradient covers only those heads and is summed over the TP
+        # ranks (transformers all-reduces it). As DTensor: the input is a Shard(-2) (heads)
+        # DTensor, the weight Replicate; its Partial gradient is all-reduced; no forward
+        # collective (SequenceParallel's mechanics, on the head dim).
+        return SequenceParallel(sequence_dim=-2, use_local_output=True)
     return None
 
 
+# Parameter entries of a `moe_tp_experts` module ([E, out, in] expert weights): the dim of the
+# local slice, as transformers shards them (packed_colwise, colwise: ndim - 2; rowwise: the
+# input features, the last dim).
+_EXPERT_PARAM_DIM = {"packed_colwise": -2, "colwise": -2, "rowwise": -1}
+
+
+def _expert_param_dims(plan: tuple[tuple[str, str], ...]) -> dict[str, dict[str, int]]:
+    """moe_tp_experts module glob -> {parameter name: dim sharded over TP}."""
+    experts = {glob for glob, style in plan if style == "moe_tp_experts"}
+    dims: dict[str, dict[str, int]] = {glob: {} for glob in experts}
+    for glob, style in plan:
+        owner, _, leaf = glob.rpartition(".")
+        if owner in experts and style in _EXPERT_PARAM_DIM:
+            dims[owner][leaf] = _EXPERT_PARAM_DIM[style]
+    return dims
+
+
+class ExpertsTensorParallel(ParallelStyle):
+    """transformers' `moe_tp_experts`: every TP rank holds a slice of every expert (the
+    packed gate/up projection and the down projection sliced on the intermediate dim, per the
+    plan's parameter entries) and runs the module on local tensors; the experts' output is a
+    partial sum, all-reduced in forward; the replicated inputs' gradients (the hidden states
+    and the routing weights) are partial, all-reduced in backward. The router stays replicated.
+
+    The slice of a packed [E, 2I, h] gate/up weight is rows of both halves (I/t of gate, I/t of
+    up); as a local [E, 2I/t, h] parameter its shape, bytes and FLOPs are those of any 2I/t rows
+    (the values are fake), so it is made as a plain tensor of that shape."""
+
+    def __init__(self, param_dims: dict[str, int]) -> None:
+        super().__init__()
+        self.param_dims = param_dims
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        t = device_mesh.size()
+        for name, dim in self.param_dims.items():
+            p = module._parameters[name]
+            shape = list(p.shape)
+            if shape[dim] % t:
+                raise ValueError(f"{name} {tuple(p.shape)}: dim {dim} does not divide by tp={t}")
+            shape[dim] //= t
+            module._parameters[name] = nn.Parameter(
+                torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+
+        def inputs(_module: nn.Module, args: tuple) -> tuple:
+            hidden, top_k_index, top_k_weights, *rest = args
+            return (_grad_all_reduced(hidden, device_mesh), top_k_index,
+                    _grad_all_reduced(top_k_weights, device_mesh), *rest)
+
+        module.register_forward_pre_hook(inputs)
+        module.register_forward_hook(lambda _m, _a, out: _all_reduced(out, device_mesh))
+        return module
+
+
+def _grad_all_reduced(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Identity forward; backward all-reduces the (partial) gradient: a replicated input of
+    a computation each rank does on its shard of the weights (Megatron's f)."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(
+        grad_placements=[Partial()])
+
+
+def _all_reduced(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Forward all-reduces a partial sum; backward passes the gradient through (Megatron's g:
+    DTensor keeps a Replicate gradient of a Partial input as it is)."""
+    return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(
+        mesh, [Replicate()]).to_local()
+
+
 def unsupported_tp_styles(plan: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    return [(glob, style) for glob, style in plan if tp_style(style, True) is None]
+    expert_params = {f"{owner}.{leaf}" for owner, dims in _expert_param_dims(plan).items()
+                     for leaf in dims}
+    return [(glob, style) for glob, style in plan
+            if glob not in expert_params and tp_style(style, True) is None
+            and style != "moe_tp_experts"]
 
 
 def _glob_match(glob: str, name: str) -> bool:
@@ -174,11 +254,13 @@ def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: tuple[tuple[str, 
     tied = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
+    expert_dims = _expert_param_dims(plan)
     styles: dict[str, object] = {}
     for name, _ in model.named_modules():
         for glob, style in plan:
             if _glob_match(glob, name):
-                styles[name] = tp_style(style, loss_parallel)
+                styles[name] = (ExpertsTensorParallel(expert_dims[glob])
+                                if style == "moe_tp_experts" else tp_style(style, loss_parallel))
                 break
     parallelize_module(model, tp_mesh, styles)
     for names in tied.values():
@@ -193,5 +275,5 @@ def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, plan: tuple[tuple[str, 
                 setattr(module, attr, first)
 
 
-__all__ = ["apply_tp_gpt", "apply_tp_llama3", "apply_tp_plan", "tp_style",
+__all__ = ["ExpertsTensorParallel", "apply_tp_gpt", "apply_tp_llama3", "apply_tp_plan", "tp_style",
            "unsupported_tp_styles", "torch"]
