@@ -83,7 +83,7 @@ def recording(ctx: StepContext, group_dims: dict[str, str]):  # noqa: ANN201
     colls = CollectiveRecorder(ctx, group_dims)
     ops = OpCounter(ctx)
     mem = MemoryTracker(ctx)
-    ctx.kernels = KernelStream(ctx)  # notified by the op and collective recorders
+    ctx.kernels = KernelStream(ctx, mem)  # notified by the op and collective recorders
 
     def checkpoint_inputs(args: tuple) -> None:
         for t in tree_iter(args):
@@ -131,7 +131,7 @@ def record_step(
             optimizer_bytes = _storage_bytes(optimizer_state_tensors(optimizer))
             optimizer.zero_grad(set_to_none=True)
     streams.memory, streams.ops, streams.collectives = mem.close(), ops.events, colls.events
-    streams.kernels = kernels.events
+    streams.kernels, streams.boundaries = kernels.events, kernels.boundaries
     streams.scalars = dict(initial_live=initial_live, initial_saved=initial_saved,
                            param_bytes=param_bytes, grad_bytes=grad_bytes,
                            optimizer_bytes=optimizer_bytes, executed_microbatches=executed)
