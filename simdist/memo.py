@@ -169,6 +169,11 @@ class MemoJob:
             return []
         return _short_tasks(self.task, self.shape)
 
+    def short_jobs(self) -> list[tuple[RankTask, PipelineJob | None]]:
+        """Each short step with its pipeline job (None: executed as it is)."""
+        tasks = self.short_tasks()
+        return list(zip(tasks, self.pipelines or (None,) * len(tasks)))
+
     def build(self, runs: list[StepStreams]) -> BuildResult:
         """The rank rebuilt from the stored model (no `runs`) or fitted to the short steps."""
         t0 = time.perf_counter()
@@ -194,8 +199,7 @@ class MemoJob:
         full (known not to fit), or none (its model is stored)."""
         if self.fallback:
             return 1
-        return sum(1 if j is None else j.executions
-                   for _, j in zip(self.short_tasks(), self.pipelines))
+        return sum(1 if j is None else j.executions for _, j in self.short_jobs())
 
 
 def _short_tasks(task: RankTask, shape: MemoShape) -> list[RankTask]:
@@ -315,9 +319,11 @@ async def simulate_task(pool: Pool, task: RankTask, job: MemoJob | PipelineJob |
     if not isinstance(job, MemoJob):
         trace = await _full(pool, task, job, cost)
         return trace if job is None else cost.account(trace)
-    short = [] if job.stored is not None else list(await asyncio.gather(*(
-        _short_streams(pool, t, j, cost) for t, j in zip(job.short_tasks(), job.pipelines))))
-    result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, short)
+    short = list(await asyncio.gather(*(_short_streams(pool, t, j, cost)
+                                        for t, j in job.short_jobs())))
+    # (the build needs none of the pipeline jobs, which may carry stored models)
+    result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(
+        replace(job, pipelines=()), short)
     cost.build_s += result.seconds
     store_memo(job, result.parts)
     trace = result.trace

@@ -172,3 +172,18 @@ def test_layer_memo_short_steps_through_the_pipeline_memo_equal_full_execution()
     memo = assert_same(_model(5, 4), pp=2, rank=1, num_microbatches=18,
                        pp_schedule="interleaved_1f1b")
     assert memo.layer_memo == "memo"
+
+
+def test_config_key_turns_the_memo_off() -> None:
+    from simdist.config import ConfigError, load_config
+    from simdist.planner import plan_run
+
+    base = dict(model=dict(preset="llama3-debug", n_layers=4),
+                training=dict(seq_len=SEQ, global_batch=64),
+                parallel=dict(pp=2, dp_shard=1), cluster=dict(gpus_per_node=2, nodes=1))
+    on = plan_run(load_config(base)).tasks[0]
+    off = plan_run(load_config({**base, "simulation": {"pipeline_memo": False}})).tasks[0]
+    assert on.pipeline_memo and not off.pipeline_memo
+    with pytest.raises(ConfigError) as info:
+        load_config({**base, "simulation": {"pipeline_memo": "sometimes"}})
+    assert info.value.key == "simulation.pipeline_memo"

@@ -15,8 +15,10 @@ loss since the previous one.
 A unit's events depend on what the unit is, not on where it stands: its kind and stage, whether
 its micro-batch is the first or last (gradients created vs accumulated, the last backward's
 gradient sync), for the runtime schedules whether it is the stage's first compute since an
-unshard, and for GPipe / 1F1B the previous action (which communication the code runs before
-it). That is the unit's key. Normalised (its micro-batch index in its marks; a kernel wait on an
+unshard and, for zero bubble's split backward, whether weight gradients wait to be accumulated
+(`unit_keys`), and for GPipe / 1F1B the previous action (which communication the code runs
+before it, which of its tensors the code releases). That is the unit's key. The executed counts
+are the smallest the schedule accepts whose units have every key of N (`memo_counts`). Normalised (its micro-batch index in its marks; a kernel wait on an
 event of another unit by that unit's identity: "the receive of my micro-batch", "the latest
 unshard of my stage"), every unit with one key must be identical in a run — the in-run proof.
 Integers that grow with the micro-batch count (the whole batch's bytes, saved once by the first
@@ -128,14 +130,20 @@ def memo_counts(shape: PipelineShape, n: int, verify: bool = True) -> MemoCounts
     wanted = 3 if verify else 2
     budget = n - EXECUTION_COST_MICROBATCHES * (wanted - 1)  # the counts must sum below it
     found: list[int] = []
+    fitted: set | None = None  # the keys both fitting counts have
     m = 0
     while len(found) < wanted:
         m += 1
         if sum(found) + m * (wanted - len(found)) >= budget:
             return None
         o = shape.order(m)
-        if o is not None and need <= set(unit_keys(shape, o, m)):
+        if o is None:
+            continue
+        keys = set(unit_keys(shape, o, m))
+        # the verifying count: nothing the model has not fitted
+        if need <= keys and (len(found) < 2 or keys <= fitted):
             found.append(m)
+            fitted = keys if fitted is None else fitted & keys
     return MemoCounts((found[0], found[1]), found[2] if verify else None)
 
 
@@ -219,14 +227,15 @@ def _cut(streams: StepStreams, order: tuple[Act, ...], runtime: bool) -> _Cut:
     if runtime:
         enters = [x for x in b if x.label.startswith("enter PP:")]
         exits = [x for x in b if x.label.startswith("exit PP:")]
-        if [x.label[len("enter PP:"):] for x in enters] != [a.label() for a in order]:
+        if not exits or [x.label[len("enter PP:"):] for x in enters] != [a.label() for a in order]:
             raise FitError("the executed actions are not the schedule's order")
         points = [(x.kernels, x.memory) for x in enters] + [(exits[-1].kernels, exits[-1].memory)]
     else:
         begins = [x for x in b if x.label.startswith("begin ")]
         ends = [x for x in b if x.label.startswith("end ")]
-        if ([x.label.split()[1:] for x in begins]
-                != [[a.kind, str(a.stage), str(a.mb)] for a in order]) or len(ends) != len(order):
+        if not begins or len(ends) != len(order) or ([x.label.split()[1:] for x in begins]
+                                                      != [[a.kind, str(a.stage), str(a.mb)]
+                                                          for a in order]):
             raise FitError("the executed actions are not the schedule's order")
         # a unit: the communication since the previous action's end, then the action (its end
         # mark included)
@@ -538,7 +547,9 @@ def fit_pipeline_model(shape: PipelineShape, runs: list[tuple[int, StepStreams]]
     or FitError."""
     (na, sa), (nb, sb) = runs
     a, b = _normalise(sa, shape, na), _normalise(sb, shape, nb)
-    units = {}
+    # A key of one run only is not one of the count the model is for (memo_counts): it stays
+    # as executed, for the check that the model reproduces its run.
+    units = {key: _Template(t) for key, t in [*a.units.items(), *b.units.items()]}
     for key in a.units.keys() & b.units.keys():
         units[key] = _Template({name: tuple(_merge(x, y, na, nb) for x, y in
                                             _zip_same(a.units[key][name], b.units[key][name]))
