@@ -285,6 +285,9 @@ class SimulationConfig(BaseModel):
     # Rebuild deep pipeline stages from 2-, 3- and 4-block executions (exact; see
     # simdist/mode/layer_memo.py). false: execute every block.
     layer_memo: bool = True
+    # Rebuild a pipeline step of many micro-batches from steps of a few, verified on a longer
+    # one (exact; see simdist/mode/pipeline_memo.py). false: execute every micro-batch.
+    pipeline_memo: bool = True
 
     @field_validator("cache_dir")
     @classmethod

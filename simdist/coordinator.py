@@ -197,7 +197,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     where = "in the driver" if in_driver else f"on {len(actors)} actor(s)"
     phases(f"executing {len(tasks)} rank class(es): {n_exec} execution(s) {where}")
     if n_memo:
-        phases(f"rebuilding {n_memo} class(es) from short runs through the layer memo")
+        phases(f"rebuilding {n_memo} class(es) from short runs through the layer / pipeline memo")
     bar = Progress(len(tasks), progress, phases)
 
     async def one(task: RankTask, job: Any) -> RankTrace:
@@ -247,7 +247,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
     with ray_session(address) as ray_address:
         import ray
 
-        from simdist.cache.run import RunCache, disabled_summary, layer_summary
+        from simdist.cache.run import RunCache, disabled_summary, layer_summary, pipeline_summary
 
         start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu) if use_cache
                        else None)  # called with the service's placement
@@ -256,6 +256,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
             progress, start_cache, phases), ray_address)
         cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
         cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
+        cache["pipeline"] = pipeline_summary(traces)
         if cache_warnings:
             cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
         cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])

@@ -89,7 +89,8 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
     tasks = [RankTask(rank=ranks[0], layout=layout, model=spec, training=cfg.training,
                       parallel=cfg.parallel, num_microbatches=cfg.num_microbatches,
                       layer_memo=use_cache and cfg.simulation.layer_memo,
-                      layer_cache_dir=cache_dir)
+                      layer_cache_dir=cache_dir,
+                      pipeline_memo=use_cache and cfg.simulation.pipeline_memo)
              for ranks in classes]
     return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive)
 

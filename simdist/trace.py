@@ -80,6 +80,15 @@ class KernelEvent(NamedTuple):
     label: str  # marks: the schedule's action
 
 
+class Boundary(NamedTuple):
+    """A point of a pipeline schedule (an action's begin, end, enter or exit) and how many
+    kernel and memory events were recorded before it (mode/kernels.py; the pipeline memo cuts
+    the streams there)."""
+    label: str
+    kernels: int
+    memory: int
+
+
 STREAMS = ("memory", "ops", "collectives", "kernels")
 
 
@@ -108,6 +117,8 @@ class StepStreams:
     collectives: list[CollectiveEvent] = field(default_factory=list)
     kernels: list[KernelEvent] = field(default_factory=list)
     scalars: dict[str, int] = field(default_factory=dict)
+    # Not a stream of the step: where the schedule's actions lie in the streams.
+    boundaries: list[Boundary] = field(default_factory=list)
 
 
 # --- a rank's task and its trace ----------------------------------------------------------------
@@ -128,6 +139,9 @@ class RankTask:
     # the memo's models in this cache dir (None: no store).
     layer_memo: bool = True
     layer_cache_dir: str | None = None
+    # Rebuild a pipeline step of many micro-batches from steps of a few (the pipeline memo,
+    # mode/pipeline_memo.py) where it applies.
+    pipeline_memo: bool = True
 
     def __post_init__(self) -> None:
         p = self.parallel
@@ -208,3 +222,9 @@ class RankTrace:
     layer_memo: str = "full"
     blocks_executed: int = 0
     blocks_total: int = 0
+    # How the pipeline step's micro-batches were obtained: "memo" (the step executed with a few
+    # micro-batches, fitted, verified, rebuilt), "memo-hit" (its model read from the layer
+    # store), "fallback" (memo tried, did not fit: executed in full), "full" (not applicable:
+    # no pipeline, too few micro-batches to gain, or nothing executed), "off" (turned off:
+    # simulation.pipeline_memo).
+    pipeline_memo: str = "full"

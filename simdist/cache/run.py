@@ -99,6 +99,16 @@ def layer_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
     return out
 
 
+def pipeline_summary(traces: list) -> dict[str, int]:
+    """plan.json `cache.pipeline`: how each class's micro-batches were obtained
+    (mode/pipeline_memo.py; RankTrace.pipeline_memo): classes fitted from a few micro-batches
+    (misses), rebuilt from the layer store (hits), tried and executed in full (fallbacks), not
+    applicable (full) or turned off (off)."""
+    status = Counter(tr.pipeline_memo for tr in traces)
+    return dict(hits=status["memo-hit"], misses=status["memo"], fallbacks=status["fallback"],
+                full=status["full"], off=status["off"])
+
+
 def _op_counts(traces: list) -> dict[str, int]:
     c = {"hits": 0, "misses": 0, "bypasses": 0, "size": 0}
     for tr in traces:

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import local_tensor
-from simdist.trace import KernelEvent
+from simdist.trace import Boundary, KernelEvent
 
 COMPUTE = "compute"
 JOIN = -1  # wait_back of an event that waits for every other stream
@@ -51,9 +51,13 @@ def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
 
 
 class KernelStream:
-    def __init__(self, ctx: StepContext) -> None:
+    def __init__(self, ctx: StepContext, memory: Any = None) -> None:
         self.ctx = ctx
         self.events: list[KernelEvent] = []
+        # Points of the schedule with the positions of the kernel and memory streams there
+        # (the pipeline memo cuts the streams at them); `memory`: the MemoryTracker.
+        self.boundaries: list[Boundary] = []
+        self._memory = memory
         # storage -> index of the event of another stream that last wrote it (not yet waited)
         self._written: dict[int, int] = {}
         # (module, stream) -> indices of its events
@@ -119,8 +123,15 @@ class KernelStream:
         self._append("coll", mesh_dim, module=module)
 
     def mark(self, label: str) -> None:
-        """A point of the schedule (a pipeline action's begin / end)."""
+        """A point of the schedule (a pipeline action's begin / end), in the stream and among
+        the boundaries."""
+        self.boundary(label)
         self._append("mark", "", label)
+
+    def boundary(self, label: str) -> None:
+        """A point of the schedule recorded beside the streams only (not a kernel event)."""
+        memory = len(self._memory.events) if self._memory is not None else 0
+        self.boundaries.append(Boundary(label, len(self.events), memory))
 
 
 @contextlib.contextmanager

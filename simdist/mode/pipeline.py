@@ -10,7 +10,9 @@ Two adaptations to fake execution, both about the schedule's first-step handshak
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.distributed.pipelining.stage import InferenceMode
 
@@ -59,6 +62,31 @@ def _action_wrapped(ctx: StepContext, fn: Any, phase: str, action: str, stage: i
             return out
 
     return run
+
+
+@contextlib.contextmanager
+def _action_boundaries(ctx: StepContext) -> Iterator[None]:
+    """The runtime schedules (interleaved, zero bubble) run each action of their lowered order
+    (compute, send, receive, FSDP unshard / reshard, gradient reduction) under
+    `record_function("PP:<action>")`: while the step runs, that profiler range records the
+    action's enter and exit among the kernel stream's boundaries instead (the pipeline memo cuts
+    the streams there; nothing is added to the streams)."""
+    original = torch_schedules.record_function
+
+    @contextlib.contextmanager
+    def record(name: str) -> Iterator[None]:
+        kernels = ctx.kernels
+        if kernels is not None:
+            kernels.boundary(f"enter {name}")
+        yield
+        if kernels is not None:
+            kernels.boundary(f"exit {name}")
+
+    torch_schedules.record_function = record
+    try:
+        yield
+    finally:
+        torch_schedules.record_function = original
 
 
 def build_stages(parts: list[tuple[int, nn.Module]], num_stages: int, group: Any,
@@ -149,7 +177,7 @@ def run_pipeline_step(
             args = (torch.randint(0, vocab_size, (batch * num_microbatches, seq_len)),) if first else ()
             # chunked on dim 0 by the schedule; loss_fn handles GPT's seq-first logits
             kwargs = {"target": torch.randint(0, vocab_size, (batch * num_microbatches, seq_len))} if last else {}
-        with ctx.in_phase("bwd"), mem.saved_tensors_hooks():
+        with ctx.in_phase("bwd"), mem.saved_tensors_hooks(), _action_boundaries(ctx):
             schedule.step(*args, return_outputs=False, **kwargs)
         return num_microbatches
 

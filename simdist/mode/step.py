@@ -89,7 +89,7 @@ def recording(ctx: StepContext, group_dims: dict[str, str], memory_only: bool = 
     else:
         colls = CollectiveRecorder(ctx, group_dims)
         ops = OpCounter(ctx)
-        ctx.kernels = KernelStream(ctx)  # notified by the op and collective recorders
+        ctx.kernels = KernelStream(ctx, mem)  # notified by the op and collective recorders
 
     def checkpoint_inputs(args: tuple) -> None:
         for t in tree_iter(args):
@@ -145,7 +145,8 @@ def record_step(
                            optimizer_bytes=optimizer_bytes, executed_microbatches=executed)
     if memory_only:
         return dict(streams=streams, wall_s=time.perf_counter() - t0)
-    streams.ops, streams.collectives, streams.kernels = ops.events, colls.events, kernels.events
+    streams.ops, streams.collectives = ops.events, colls.events
+    streams.kernels, streams.boundaries = kernels.events, kernels.boundaries
     fields = summarize(streams)
     fields["wall_s"] = time.perf_counter() - t0
     fields["streams"] = streams
