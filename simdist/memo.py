@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from simdist.cache.layers import LayerStore
+from simdist.execution_key import execution_signature, groups_relabellable, relabel_groups
 from simdist.mode.layer_memo import BASE_LAYERS, MemoShape, StreamModel, fit_stream_model, memo_shape
 from simdist.mode.streams import summarize
 from simdist.trace import RankTask, RankTrace, StepStreams
@@ -64,8 +65,9 @@ class MemoJob:
             model = fit_stream_model(runs, self.shape.blocks)
             if model is None:
                 return None, {"fallback": True}
-            parts = model.to_parts()
-        fields = summarize(model.streams(self.shape))
+            # Stored only where another plan of this key can relabel it exactly.
+            parts = model.to_parts() if groups_relabellable(runs[0], self.task) else None
+        fields = summarize(relabel_groups(model.streams(self.shape), self.task))
         return RankTrace(rank=self.task.rank, wall_s=0.0, **fields), parts
 
     def account(self, trace: RankTrace | None, units: list[RankTrace],
@@ -102,7 +104,7 @@ def open_memo(task: RankTask) -> MemoJob | None:
     store = _store(task)
     if store is None:
         return MemoJob(task, shape, "", None)
-    key = store.key(replace(shape.reduced(task, BASE_LAYERS), layer_cache_dir=None))
+    key = store.key(execution_signature(shape.reduced(task, BASE_LAYERS)))
     return MemoJob(task, shape, key, store.get(key))
 
 

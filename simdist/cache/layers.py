@@ -8,10 +8,11 @@ Layout::
 
     <cache_dir>/layers/memo<N>-torch-<torch version>/<blake2b-128 of the key>.arrow
 
-One file per key. The key is the text of everything a memo model depends on: the rank's
-short task (model shape without its depth, plan, rank, micro-batching, dtype, checkpointing),
-the memo format, the torch version and a digest of the simdist source that executes ranks (so
-a changed simdist never reuses an old model). The file holds the key itself (schema metadata,
+One file per key. The key is the text of everything a memo model depends on: the execution
+signature of the rank's short task (simdist/execution_key.py: the fields execution reads, the
+rank by its mesh position, so plans that differ only in what does not change the recorded
+events share the model), the memo format, the torch version and a digest of the simdist source
+that executes ranks (so a changed simdist never reuses an old model). The file holds the key itself (schema metadata,
 compared on read: a hash collision or a foreign file is a miss) and the model as one row per
 part: the a-block event streams, the edits one more block makes, the scalars.
 
@@ -86,8 +87,9 @@ class LayerStore:
     def dir(self) -> Path:
         return self.root / "layers" / f"memo{MEMO_FORMAT}-torch-{self.torch_version}"
 
-    def key(self, short_task: Any) -> str:
-        return f"memo{MEMO_FORMAT} torch {self.torch_version} src {source_digest()} {short_task!r}"
+    def key(self, signature: str) -> str:
+        """The store key of a model recorded for `signature` (execution_key.py)."""
+        return f"memo{MEMO_FORMAT} torch {self.torch_version} src {source_digest()} {signature}"
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.arrow"
