@@ -20,6 +20,7 @@ from simdist.calibrate import calibration_for
 from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
 from simdist.memo import MemoJob, executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
+from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
 from simdist.trace import RankTask, RankTrace
 
@@ -252,22 +253,26 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
                        exhaustive=cfg.exhaustive if isinstance(cfg, RunPlan) else exhaustive)
     cfg = run.cfg
     phases = Phases(progress)
-    jobs = [open_memo(t) for t in run.tasks]  # the layer store is read here, in the driver
     layer_dir = cfg.simulation.cache_dir if use_cache else None
     from simdist.cache.run import (RunCache, disabled_summary, layer_summary,
                                    undispatched_summary)
 
+    # The layer store is read here, in the driver: first the ranks it keeps rebuilt (tables,
+    # read as they are), then the memo models of the others.
+    traces: list[RankTrace | None] = [stored_rank(t) for t in run.tasks]
+    todo = [i for i, tr in enumerate(traces) if tr is None]
+    tasks = [run.tasks[i] for i in todo]
+    jobs = [open_memo(t) for t in tasks]
     if nothing_to_execute(jobs):
         # Every class's model is stored: rebuild here, without Ray, actors or the dispatch
         # cache's service (nothing is dispatched, so its store is not even loaded).
-        phases(f"rebuilding {len(jobs)} rank class(es) from the layer store in the driver "
-               "(nothing to execute: no Ray started)")
-        traces = build_in_driver(run.tasks, jobs)
-        cache = (undispatched_summary(traces, cfg.simulation.cache_dir) if use_cache
-                 else disabled_summary(traces))
-        cache["layer"] = layer_summary(traces, layer_dir)
+        phases(f"rebuilding {len(run.tasks)} rank class(es) from the layer store in the "
+               f"driver ({len(run.tasks) - len(tasks)} kept rebuilt; nothing to execute: "
+               "no Ray started)")
+        new = build_in_driver(tasks, jobs)
         execution = dict(ray_address=None, ray=False, nodes=1, cluster_nodes=None, actors=0,
                          exhaustive=run.exhaustive)
+        run_cache = None
     else:
         target = address or os.environ.get("RAY_ADDRESS")
         phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
@@ -276,15 +281,23 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
 
             start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu)
                            if use_cache else None)  # called with the service's placement
-            traces, nodes, n_actors, run_cache = await watched(_run_tasks(
-                run.tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
+            new, nodes, n_actors, run_cache = await watched(_run_tasks(
+                tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
                 progress, start_cache, phases, jobs), ray_address)
-            cache = (await run_cache.finish(traces) if run_cache is not None
-                     else disabled_summary(traces))
-            cache["layer"] = layer_summary(traces, layer_dir)
             execution = dict(ray_address=ray_address, ray=True, nodes=len(nodes),
                              cluster_nodes=len([n for n in ray.nodes() if n.get("Alive")]),
                              actors=n_actors, exhaustive=run.exhaustive)
+    for i, trace in zip(todo, new):
+        traces[i] = trace
+        if use_cache:
+            keep_rebuilt(run.tasks[i], trace)
+    if run_cache is not None:
+        cache = await run_cache.finish(traces)
+    elif use_cache and not execution["ray"]:
+        cache = undispatched_summary(traces, cfg.simulation.cache_dir)
+    else:  # --no-cache, or the dispatch cache could not start (RunCache.start warned)
+        cache = disabled_summary(traces)
+    cache["layer"] = layer_summary(traces, layer_dir)
     if cache_warnings:
         cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
     phases(f"merging {len(traces)} class(es) into {run.layout.world_size} rank rows")

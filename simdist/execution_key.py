@@ -38,6 +38,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from simdist.trace import RankTask, StepStreams
 
 # The group dims whose size the signature leaves out: relabelled when a model is rebuilt.
@@ -89,3 +92,24 @@ def relabel_groups(streams: StepStreams, task: RankTask) -> StepStreams:
         for ev in streams.collectives]
     return streams
 
+
+
+# --- the same on a summarized collectives table (a rebuilt rank kept by the layer store) -------
+# Relabelling after `summarize` equals relabelling before: every collective of a relabelled dim
+# records that dim's one degree (groups_relabellable), so its rows map one to one.
+
+def table_relabellable(collectives: pa.Table, task: RankTask) -> bool:
+    """groups_relabellable for a collectives table (schema.COLLECTIVES)."""
+    dims, sizes = collectives["mesh_dim"].to_pylist(), collectives["group_size"].to_pylist()
+    return all(size == _degree(task, dim) for dim, size in zip(dims, sizes)
+               if dim in RELABELLED_DIMS)
+
+
+def relabel_table(collectives: pa.Table, task: RankTask) -> pa.Table:
+    """relabel_groups for a collectives table."""
+    sizes = collectives["group_size"]
+    for dim in RELABELLED_DIMS:
+        sizes = pc.if_else(pc.equal(collectives["mesh_dim"], dim),
+                           pa.scalar(_degree(task, dim), sizes.type), sizes)
+    return collectives.set_column(collectives.schema.get_field_index("group_size"),
+                                  collectives.schema.field("group_size"), sizes)

@@ -95,17 +95,25 @@ class MemoJob:
         return 1 if self.fallback else len(self.short_tasks())
 
 
-def open_memo(task: RankTask) -> MemoJob | None:
-    """The memo job for `task`, its model looked up in the layer store; None where the memo is
-    off or does not apply (execute in full)."""
+def memo_key(task: RankTask) -> tuple[MemoShape, str] | None:
+    """`task`'s memo shape and its model's layer-store key ("" without a store: the task has
+    no cache dir); None where the memo is off or does not apply."""
     shape = memo_shape(task) if task.layer_memo else None
     if shape is None:
         return None
     store = _store(task)
-    if store is None:
-        return MemoJob(task, shape, "", None)
-    key = store.key(execution_signature(shape.reduced(task, BASE_LAYERS)))
-    return MemoJob(task, shape, key, store.get(key))
+    return shape, (store.key(execution_signature(shape.reduced(task, BASE_LAYERS)))
+                   if store is not None else "")
+
+
+def open_memo(task: RankTask) -> MemoJob | None:
+    """The memo job for `task`, its model looked up in the layer store; None where the memo is
+    off or does not apply (execute in full)."""
+    found = memo_key(task)
+    if found is None:
+        return None
+    shape, key = found
+    return MemoJob(task, shape, key, _store(task).get(key) if key else None)
 
 
 def store_memo(job: MemoJob, parts: dict | None) -> None:

@@ -59,6 +59,16 @@ def _hsdp(tmp_path, replicas: int) -> dict:  # noqa: ANN001
             "simulation": {"cache_dir": str(tmp_path / "cache")}}
 
 
+def _no_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any rebuild from a memo model fails the test (the rank must be read as kept)."""
+    from simdist.memo import MemoJob
+
+    def refuse(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a rank was rebuilt from its model, not read as kept")
+
+    monkeypatch.setattr(MemoJob, "build", refuse)
+
+
 def test_plan_reusing_another_plans_models_runs_without_ray_and_equals_full(
         tmp_path, monkeypatch) -> None:
     # HSDP 2 x 2 on 2 nodes stores both classes' models; HSDP 4 x 2 on 4 nodes (the same
@@ -67,11 +77,17 @@ def test_plan_reusing_another_plans_models_runs_without_ray_and_equals_full(
     stored = _here(_hsdp(tmp_path, 2))
     assert stored.summary["rank_classes"] == 2
     _no_ray(monkeypatch)
-    warm = simulate(load_config(_hsdp(tmp_path, 4)))
+    warm = simulate(load_config(_hsdp(tmp_path, 4)))  # rebuilt from the models, then kept
     s = warm.summary
     assert (s["execution"]["actors"], s["execution"]["ray"]) == (0, False)
     assert (s["cache"]["layer"]["hits"], s["cache"]["layer"]["blocks_executed"]) == (2, 0)
     assert s["world_size"] == 8 and s["rank_classes"] == 2
+    # The ranks kept rebuilt are read as they are, their replicate groups relabelled: for
+    # the first plan (2 replicas: equal to its own cold run) and for the second again.
+    _no_rebuild(monkeypatch)
+    _assert_same_rows(simulate(load_config(_hsdp(tmp_path, 2))), stored)
+    again = simulate(load_config(_hsdp(tmp_path, 4)))
+    _assert_same_rows(again, warm)
     monkeypatch.undo()
     full = _here(_hsdp(tmp_path, 4), use_cache=False)
     _assert_same_rows(warm, full)
