@@ -272,7 +272,6 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
         new = build_in_driver(tasks, jobs)
         execution = dict(ray_address=None, ray=False, nodes=1, cluster_nodes=None, actors=0,
                          exhaustive=run.exhaustive)
-        run_cache = None
     else:
         target = address or os.environ.get("RAY_ADDRESS")
         phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
@@ -287,16 +286,16 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
             execution = dict(ray_address=ray_address, ray=True, nodes=len(nodes),
                              cluster_nodes=len([n for n in ray.nodes() if n.get("Alive")]),
                              actors=n_actors, exhaustive=run.exhaustive)
+            # (the classes read as kept dispatched nothing: their counters are zero)
+            cache = (await run_cache.finish(new) if run_cache is not None
+                     else disabled_summary(new))
     for i, trace in zip(todo, new):
         traces[i] = trace
         if use_cache:
             keep_rebuilt(run.tasks[i], trace)
-    if run_cache is not None:
-        cache = await run_cache.finish(traces)
-    elif use_cache and not execution["ray"]:
-        cache = undispatched_summary(traces, cfg.simulation.cache_dir)
-    else:  # --no-cache, or the dispatch cache could not start (RunCache.start warned)
-        cache = disabled_summary(traces)
+    if not execution["ray"]:
+        cache = (undispatched_summary(traces, cfg.simulation.cache_dir) if use_cache
+                 else disabled_summary(traces))
     cache["layer"] = layer_summary(traces, layer_dir)
     if cache_warnings:
         cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
