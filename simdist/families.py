@@ -20,9 +20,23 @@ from simdist.models.gpt import GPT, GPTArgs
 from simdist.models.llama3 import Llama3, Llama3Args
 from simdist.models.moe import MoEArgs, MoETransformer
 from simdist.models.hf import HFArgs, HFError, build_hf, hf_spec_args
-from simdist.parallel import (parallelize_custom, parallelize_gpt, parallelize_hf, parallelize_llama3,
-                              parallelize_moe)
 from simdist.parallel.blocks import DEFAULT_BLOCKS
+
+
+def _parallelize(name: str) -> Callable[..., None]:
+    """simdist.parallel.apply's `name`, imported at the first call: the planner reads this
+    registry without importing torch.distributed's FSDP and DTensor (a second)."""
+    def parallelize(model: nn.Module, mesh: Any, plan: Any) -> None:
+        from simdist.parallel import apply
+
+        getattr(apply, name)(model, mesh, plan)
+
+    parallelize.__name__ = parallelize.__qualname__ = name
+    return parallelize
+
+
+parallelize_llama3, parallelize_gpt, parallelize_moe, parallelize_hf, parallelize_custom = (
+    _parallelize(f"parallelize_{f}") for f in ("llama3", "gpt", "moe", "hf", "custom"))
 
 
 @dataclass(frozen=True)

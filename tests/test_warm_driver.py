@@ -112,3 +112,27 @@ def test_warm_run_of_more_than_eight_classes_starts_no_actor(tmp_path, monkeypat
     assert warm.summary["execution"]["actors"] == 0
     assert warm.summary["cache"]["layer"]["hits"] == 10
     _assert_same_rows(warm, cold)
+
+
+def test_rebuilt_rank_entry_round_trips_and_a_corrupt_one_is_a_reported_miss(tmp_path) -> None:
+    import pyarrow as pa
+
+    from simdist.cache.layers import LayerStore
+    from simdist.cache.store import CacheWarning
+
+    store = LayerStore.open(str(tmp_path), "2.13.0")
+    key = store.rebuilt_key("model key", "MemoShape(...)")
+    tables = {"ops": pa.table({"op": ["mm", "add"], "count": [3, 1]}),
+              "kernels": pa.table({"row": pa.array([0, 1, -1], pa.int32())})}
+    fields = {"peak_bytes": 2**40 + 1, "peak_module": "layers.3.attention"}
+    store.put_tables(key, tables, fields)
+    got_tables, got_fields = store.get_tables(key)
+    assert got_fields == fields and set(got_tables) == set(tables)
+    assert all(got_tables[n].equals(t) for n, t in tables.items())
+    assert store.get_tables(store.rebuilt_key("model key", "another depth")) is None
+    assert store.usage()[0] == 0  # a rebuilt rank is not a model
+    (path,) = store.files(rebuilt=True)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.warns(CacheWarning, match="ignoring"):
+        assert store.get_tables(key) is None
+    assert not path.exists() and (tmp_path / "quarantine" / path.name).exists()
