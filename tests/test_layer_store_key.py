@@ -109,3 +109,21 @@ def test_plans_sharing_a_key_equal_their_own_full_execution(tmp_path, stored, re
     sizes = {r["group_size"] for r in warm.collectives.to_pylist()
              if r["mesh_dim"] == "dp_replicate"}
     assert sizes == {reused["dp_replicate"]}
+
+
+def test_placement_is_not_an_execution_input() -> None:
+    # The same degrees on 2 nodes of 8 GPUs and on 4 nodes of 4 (another GPU model too): the
+    # planner's tasks, everything a rank's execution reads, are equal; only the merge prices
+    # the placement.
+    from simdist.config import load_config
+    from simdist.planner import plan_run
+
+    def plan(cluster: dict):  # noqa: ANN202
+        return plan_run(load_config({
+            "model": {"preset": "llama3-debug", "n_layers": 6}, "training": {"seq_len": 128},
+            "parallel": {"tp": 2, "dp_replicate": 2, "dp_shard": 4}, "cluster": cluster}),
+            use_cache=False)
+
+    a = plan({"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 2})
+    b = plan({"gpu": "a100-80gb", "gpus_per_node": 4, "nodes": 4})
+    assert a.tasks == b.tasks and a.classes == b.classes
