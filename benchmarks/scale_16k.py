@@ -4,10 +4,11 @@ end (#11):
 1. Llama 3 405B TP8 x PP16 x DP128 on 16,384 H100s (seq 8192, 16 micro-batches, 1F1B, full
    AC): planning (`planner.plan_run`), the rank classes alone (`planner.compute_classes`), the
    merge (`plan.merge`: pricing, the event simulation per class and placement, the pipeline
-   replays, 16,384 rank rows, timeline.json) and writing the run directory
-   (`ClusterPlan.write`). The classes' traces come through the layer memo in this process
-   against `--cache-dir` (executed the first time, rebuilt from the store afterwards: the
-   merge and the write do not depend on how the traces were obtained).
+   replays, 16,384 rank rows, timeline.json), writing the run directory's tables
+   (`ClusterPlan.write`) and its report.html (which `write` adds by default). The classes'
+   traces are obtained as the coordinator does, in this process, against `--cache-dir`: read
+   as kept rebuilt, else through the layer memo (executed the first time); the merge and the
+   writes do not depend on how the traces were obtained.
 2. Llama 3 70B TP8 x PP8 x DP16 on 1024 H100s (1F1B, 8 micro-batches, full AC) through
    `simdist run`, twice against one fresh cache dir: cold (everything executes) and warm
    (every class rebuilt from the layer store, in the driver, without Ray).
@@ -65,29 +66,41 @@ def bench_405b(repeats: int, cache_dir: str) -> dict:
     from simdist.memo import simulate_rank
     from simdist.plan import merge
     from simdist.planner import compute_classes, plan_run
+    from simdist.rebuilt import keep_rebuilt, stored_rank
 
     cfg = load_config(dict(PLAN_405B, simulation={"cache_dir": cache_dir}))
     plan_s, run = _timed(lambda: plan_run(cfg), repeats)
     model = build_model(run.spec, "meta")
     classes_s, _ = _timed(lambda: compute_classes(cfg, run.spec, run.layout, model), repeats)
     t0 = time.perf_counter()
-    traces = [simulate_rank(t) for t in run.tasks]
+    traces = []
+    for task in run.tasks:  # as the coordinator does: kept rebuilt, else through the memo
+        trace = stored_rank(task)
+        if trace is None:
+            trace = simulate_rank(task)
+            keep_rebuilt(task, trace)
+        traces.append(trace)
     traces_s = time.perf_counter() - t0
     calib = calibration_for(cfg)
     merge_s, plan = _timed(lambda: merge(run, traces, {"flops_per_token": run.flops_per_token},
                                          calib), repeats)
-    write_s = []
+    from simdist.report import RunDir, write_report_or_warn
+
+    write_s, report_s = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            plan.write(Path(tmp) / "run")
+            out = plan.write(Path(tmp) / "run", report=False)
             write_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            write_report_or_warn(RunDir(out))  # what `write` adds by default: report.html
+            report_s.append(time.perf_counter() - t0)
     how = sorted({tr.layer_memo for tr in traces})
     return dict(world_size=run.layout.world_size, rank_classes=len(run.classes),
                 kernel_events=sum(tr.kernels.num_rows for tr in traces),
                 traces_via=how, traces_s=round(traces_s, 1),
                 planning=_figure(plan_s), classes=_figure(classes_s), merge=_figure(merge_s),
-                write=_figure(write_s), step_time_s=round(plan.summary["step_time_s"], 4),
+                write=_figure(write_s), report=_figure(report_s), step_time_s=round(plan.summary["step_time_s"], 4),
                 mfu=round(plan.summary["mfu"], 4), bottleneck=plan.summary["bottleneck"])
 
 
@@ -139,7 +152,7 @@ def main() -> int:
               f"{r['kernel_events']} kernel events (traces {', '.join(r['traces_via'])}, "
               f"{r['traces_s']} s): planning {r['planning']['min_s']} s, classes "
               f"{r['classes']['min_s']} s, merge {r['merge']['min_s']} s, write "
-              f"{r['write']['min_s']} s (min of {args.repeats})")
+              f"{r['write']['min_s']} s, report.html {r['report']['min_s']} s (min of {args.repeats})")
     if not args.skip_70b:
         r = rec["llama3_70b_1024"] = bench_70b()
         print(f"70B TP8 x PP8 x DP16 via simdist run: cold {r['cold']['wall_s']} s "
