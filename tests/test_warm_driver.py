@@ -93,24 +93,24 @@ def test_plan_reusing_another_plans_models_runs_without_ray_and_equals_full(
     _assert_same_rows(warm, full)
 
 
-# 10 classes: dp_shard 16 x tp 2 over parameters whose dim-0 sizes (44, 16, 8, 38 and their
-# TP halves) end their FSDP chunks at different ranks (parallel/classes.py).
-MANY_CLASSES = {"model": {"preset": "llama3-debug", "n_layers": 5, "dim": 16, "n_heads": 4,
-                          "n_kv_heads": 2, "ffn_dim": 38, "vocab_size": 44},
-                "training": {"seq_len": 64},
-                "parallel": {"tp": 2, "dp_shard": 16},
-                "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 4}}
+# 9 classes: every cp rank its own (ring attention's steps differ by cp rank); FSDP over the 9
+# cp ranks holds no empty shard (parallel/classes.py).
+MANY_CLASSES = {"model": {"preset": "llama3-debug", "n_layers": 5},
+                "training": {"seq_len": 576},
+                "parallel": {"cp": 9, "dp_shard": 1},
+                "cluster": {"gpu": "h100-sxm", "gpus_per_node": 9, "nodes": 1}}
 
 
 @pytest.mark.slow
 def test_warm_run_of_more_than_eight_classes_starts_no_actor(tmp_path, monkeypatch) -> None:
     config = dict(MANY_CLASSES, simulation={"cache_dir": str(tmp_path / "cache")})
     cold = _here(config)
-    assert cold.summary["rank_classes"] == 10
+    assert cold.summary["rank_classes"] == 9
+    assert {tr.layer_memo for tr in cold.traces.values()} == {"memo"}
     _no_ray(monkeypatch)
     warm = simulate(load_config(config))
     assert warm.summary["execution"]["actors"] == 0
-    assert warm.summary["cache"]["layer"]["hits"] == 10
+    assert warm.summary["cache"]["layer"]["hits"] == 9
     _assert_same_rows(warm, cold)
 
 
