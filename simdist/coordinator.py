@@ -18,17 +18,11 @@ import torch
 import simdist
 from simdist.calibrate import calibration_for
 from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
-from simdist.families import build_model, count_params, flops_per_token
-from simdist.memo import executions, open_memo, simulate_task
+from simdist.memo import MemoJob, PipelineJob, executions, open_memo, simulate_task
 from simdist.plan import ClusterPlan, merge
+from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
 from simdist.trace import RankTask, RankTrace
-
-# A run with nothing to execute (every class rebuilt from the layer store) builds in the driver,
-# one class after another (threads share the GIL), instead of starting actors: below this many
-# classes that is faster than starting actors (benchmarks/README.md, layer_memo).
-DRIVER_BUILDS_MAX = 8
-
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN201
@@ -173,20 +167,38 @@ class Progress:
                 self._phases.console = None
 
 
+def nothing_to_execute(jobs: list[MemoJob | None]) -> bool:
+    """Every rank is rebuilt from the layer store: no execution, so no Ray and no actor."""
+    return all(j is not None for j in jobs) and sum(executions(j) for j in jobs) == 0
+
+
+async def build_in_driver(tasks: list[RankTask], jobs: list[MemoJob | PipelineJob]
+                          ) -> list[RankTrace]:
+    """Every rank rebuilt from its stored model here, one after another, by the memo protocol on
+    a pool that has nothing to execute (a build is pure Python on the stored events: threads
+    would share the GIL, and starting processes costs more than the builds;
+    benchmarks/README.md, scale_16k)."""
+    from simdist.workers.local import LocalPool
+
+    pool = LocalPool()
+    return [await simulate_task(pool, task, job) for task, job in zip(tasks, jobs)]
+
+
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
                      progress: bool, start_cache: Callable[[str | None], Any] | None = None,
-                     phases: Phases | None = None,
+                     phases: Phases | None = None, jobs: list[MemoJob | None] | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
     """Simulate every task (one per rank class) on a pool of actors, each through the memo
     protocol (simdist/memo.py); memo models go to / come from the layer store here, on the
-    driver's node. When every rank is rebuilt from the store nothing executes: the ranks are
-    then built in the driver, with no actor and no cache-service process started."""
+    driver's node (`jobs`: the tasks' memo jobs where the caller opened them already). A
+    class with nothing to execute is built in the driver (no actor call); when no class has
+    anything to execute `simulate_async` does not come here (build_in_driver, no Ray)."""
     from simdist.workers.pool import ActorPool, pool_size, start_workers
 
-    jobs = [open_memo(t) for t in tasks]
+    jobs = jobs if jobs is not None else [open_memo(t) for t in tasks]
     n_exec = sum(executions(j) for j in jobs)
-    in_driver = n_exec == 0 and len(jobs) <= DRIVER_BUILDS_MAX
-    actors = [] if in_driver else start_workers(pool_size(n_workers, max(n_exec, len(jobs))))
+    in_driver = n_exec == 0
+    actors = [] if in_driver else start_workers(pool_size(n_workers, n_exec))
     # The shared dispatch cache's service starts after the rank actors were requested, so it
     # does not take their start-up slots; with nothing to execute it lives in the driver.
     run_cache = (start_cache("driver" if in_driver else None) if start_cache is not None
@@ -242,38 +254,64 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
                        exhaustive=cfg.exhaustive if isinstance(cfg, RunPlan) else exhaustive)
     cfg = run.cfg
     phases = Phases(progress)
-    target = address or os.environ.get("RAY_ADDRESS")
-    phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
-    with ray_session(address) as ray_address:
-        import ray
+    layer_dir = cfg.simulation.cache_dir if use_cache else None
+    from simdist.cache.run import (RunCache, disabled_summary, layer_summary, pipeline_summary,
+                                   undispatched_summary)
 
-        from simdist.cache.run import RunCache, disabled_summary, layer_summary, pipeline_summary
+    # The layer store is read here, in the driver: first the ranks it keeps rebuilt (tables,
+    # read as they are), then the memo models of the others.
+    traces: list[RankTrace | None] = [stored_rank(t) for t in run.tasks]
+    todo = [i for i, tr in enumerate(traces) if tr is None]
+    tasks = [run.tasks[i] for i in todo]
+    jobs = [open_memo(t) for t in tasks]
+    if nothing_to_execute(jobs):
+        # Every class's model is stored: rebuild here, without Ray, actors or the dispatch
+        # cache's service (nothing is dispatched, so its store is not even loaded).
+        phases(f"rebuilding {len(run.tasks)} rank class(es) from the layer store in the "
+               f"driver ({len(run.tasks) - len(tasks)} kept rebuilt; nothing to execute: "
+               "no Ray started)")
+        new = await build_in_driver(tasks, jobs)
+        execution = dict(ray_address=None, ray=False, nodes=1, cluster_nodes=None, actors=0,
+                         exhaustive=run.exhaustive)
+    else:
+        target = address or os.environ.get("RAY_ADDRESS")
+        phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
+        with ray_session(address) as ray_address:
+            import ray
 
-        start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu) if use_cache
-                       else None)  # called with the service's placement
-        traces, nodes, n_actors, run_cache = await watched(_run_tasks(
-            run.tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
-            progress, start_cache, phases), ray_address)
-        cache = await run_cache.finish(traces) if run_cache is not None else disabled_summary(traces)
-        cache["layer"] = layer_summary(traces, cfg.simulation.cache_dir if use_cache else None)
-        cache["pipeline"] = pipeline_summary(traces)
-        if cache_warnings:
-            cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
-        cluster_nodes = len([n for n in ray.nodes() if n.get("Alive")])
-    t = cfg.training
+            start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu)
+                           if use_cache else None)  # called with the service's placement
+            new, nodes, n_actors, run_cache = await watched(_run_tasks(
+                tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
+                progress, start_cache, phases, jobs), ray_address)
+            execution = dict(ray_address=ray_address, ray=True, nodes=len(nodes),
+                             cluster_nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+                             actors=n_actors, exhaustive=run.exhaustive)
+            # (the classes read as kept dispatched nothing: their counters are zero)
+            cache = (await run_cache.finish(new) if run_cache is not None
+                     else disabled_summary(new))
+    for i, trace in zip(todo, new):
+        traces[i] = trace
+        if use_cache:
+            keep_rebuilt(run.tasks[i], trace)
+    if not execution["ray"]:
+        cache = (undispatched_summary(traces, cfg.simulation.cache_dir) if use_cache
+                 else disabled_summary(traces))
+    cache["layer"] = layer_summary(traces, layer_dir)
+    cache["pipeline"] = pipeline_summary(traces)
+    if cache_warnings:
+        cache["warnings"] = [*cache.get("warnings", []), *cache_warnings]
     phases(f"merging {len(traces)} class(es) into {run.layout.world_size} rank rows")
-    model = build_model(run.spec, "meta")
     summary = dict(
-        num_params=count_params(model),
+        num_params=run.num_params,
         config=cfg.to_dict(),
         simdist_version=simdist.__version__,
         torch_version=torch.__version__,
         gpu=run.gpu.name,
         cache=cache,
-        execution=dict(ray_address=ray_address, nodes=len(nodes), cluster_nodes=cluster_nodes,
-                       actors=n_actors, exhaustive=run.exhaustive),
+        execution=execution,
+        flops_per_token=run.flops_per_token,
     )
-    summary["flops_per_token"] = flops_per_token(run.spec, t.seq_len, model)
     plan = merge(run, traces, summary, calibration_for(cfg))
     plan.summary["sim_wall_s"] = time.perf_counter() - t0
     return plan

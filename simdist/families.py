@@ -6,6 +6,7 @@ of a config's model section into a ModelSpec, and building it on meta."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from collections.abc import Callable
@@ -20,9 +21,23 @@ from simdist.models.gpt import GPT, GPTArgs
 from simdist.models.llama3 import Llama3, Llama3Args
 from simdist.models.moe import MoEArgs, MoETransformer
 from simdist.models.hf import HFArgs, HFError, build_hf, hf_spec_args
-from simdist.parallel import (parallelize_custom, parallelize_gpt, parallelize_hf, parallelize_llama3,
-                              parallelize_moe)
 from simdist.parallel.blocks import DEFAULT_BLOCKS
+
+
+def _parallelize(name: str) -> Callable[..., None]:
+    """simdist.parallel.apply's `name`, imported at the first call: the planner reads this
+    registry without importing torch.distributed's FSDP and DTensor (a second)."""
+    def parallelize(model: nn.Module, mesh: Any, plan: Any) -> None:
+        from simdist.parallel import apply
+
+        getattr(apply, name)(model, mesh, plan)
+
+    parallelize.__name__ = parallelize.__qualname__ = name
+    return parallelize
+
+
+parallelize_llama3, parallelize_gpt, parallelize_moe, parallelize_hf, parallelize_custom = (
+    _parallelize(f"parallelize_{f}") for f in ("llama3", "gpt", "moe", "hf", "custom"))
 
 
 @dataclass(frozen=True)
@@ -166,9 +181,27 @@ def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any],
     return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs), blocks=blocks)
 
 
+_NORMALS = (torch.nn.init.normal_, torch.Tensor.normal_)
+
+
+class _MetaNormalIsANoOp(torch.overrides.TorchFunctionMode):
+    """`Tensor.normal_` on a meta tensor returns it: a meta tensor has no data to fill, and
+    torch's reference normal_ imports torch._dynamo at its first call (a second and a half),
+    which the planner and a warm run need nowhere else (embeddings initialise with it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _NORMALS:
+            tensor = args[0] if args else kwargs.get("tensor")  # (init.normal_ by keyword)
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def build_model(spec: ModelSpec, device: str | torch.device = "meta") -> nn.Module:
     """Instantiate the model on `device` (meta by default: no memory, no data)."""
-    with torch.device(device):
+    meta = torch.device(device).type == "meta"
+    with torch.device(device), (_MetaNormalIsANoOp() if meta else contextlib.nullcontext()):
         if spec.entrypoint:
             module, _, fn = spec.entrypoint.partition(":")
             model = getattr(importlib.import_module(module), fn)(**spec.kwargs)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from simdist.cache.layers import LayerStore
+from simdist.execution_key import execution_signature, groups_relabellable, relabel_groups
 from simdist.mode.layer_memo import (BASE_LAYERS, MemoShape, StreamModel, fit_stream_model,
                                      memo_shape, rank_blocks)
 from simdist.mode.pipeline_memo import (FORMAT as PIPELINE_FORMAT, FitError, MemoCounts,
@@ -189,8 +190,9 @@ class MemoJob:
             model = fit_stream_model(runs, self.shape.blocks)
             if model is None:
                 return None, {"fallback": True}
-            parts = model.to_parts()
-        fields = summarize(model.streams(self.shape))
+            # Stored only where another plan of this key can relabel it exactly.
+            parts = model.to_parts() if groups_relabellable(runs[0], self.task) else None
+        fields = summarize(relabel_groups(model.streams(self.shape), self.task))
         return RankTrace(rank=self.task.rank, wall_s=0.0, **fields), parts
 
     @property
@@ -206,17 +208,26 @@ def _short_tasks(task: RankTask, shape: MemoShape) -> list[RankTask]:
     return [replace(shape.reduced(task, BASE_LAYERS + i), layer_memo=False) for i in range(3)]
 
 
+def memo_key(task: RankTask) -> tuple[MemoShape, str] | None:
+    """`task`'s layer memo shape and its model's layer-store key ("" without a store: the task
+    has no cache dir); None where the layer memo is off or does not apply."""
+    shape = memo_shape(task) if task.layer_memo else None
+    if shape is None:
+        return None
+    store = _store(task)
+    return shape, (store.key(execution_signature(shape.reduced(task, BASE_LAYERS)))
+                   if store is not None else "")
+
+
 def open_memo(task: RankTask) -> MemoJob | PipelineJob | None:
     """The memo job for `task`, its models looked up in the layer store: the layer memo's (its
     short steps through the pipeline memo where that applies), else the pipeline memo's; None
     where neither applies (execute in full)."""
-    shape = memo_shape(task) if task.layer_memo else None
-    if shape is None:
+    found = memo_key(task)
+    if found is None:
         return open_pipeline(task)
-    store = _store(task)
-    key = "" if store is None else store.key(replace(shape.reduced(task, BASE_LAYERS),
-                                                     layer_cache_dir=None))
-    stored = store.get(key) if store is not None else None
+    shape, key = found
+    stored = _store(task).get(key) if key else None
     pipelines = () if stored is not None else tuple(
         open_pipeline(t, verify=i == 0, streams_only=True)  # verified on the shortest
         for i, t in enumerate(_short_tasks(task, shape)))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from simdist import schema
@@ -21,7 +22,7 @@ from simdist.costmodel import Calibration, mfu
 from simdist.costmodel.collectives import Placement
 from simdist.costmodel.pricing import collective_call_times, event_durations, op_launch_times
 from simdist.costmodel.step_sim import StepResult, pipeline_makespan, simulate_step
-from simdist.layout import group_placements
+from simdist.layout import COORD_DIMS, MESH_ORDER, group_placements
 from simdist.trace import RankTrace
 
 if TYPE_CHECKING:
@@ -63,7 +64,10 @@ class ClusterPlan:
             pq.write_table(self.collectives, tmp / "collectives.parquet")
             pq.write_table(self.memory, tmp / "memory.parquet")
             pq.write_table(self.kernels, tmp / "kernels.parquet")
-            (tmp / "timeline.json").write_text(json.dumps(self.timeline) + "\n")
+            # compact, and no cycle check (plain dicts and lists): 10^5 spans for a deep
+            # pipeline's classes
+            (tmp / "timeline.json").write_text(json.dumps(
+                self.timeline, separators=(",", ":"), check_circular=False) + "\n")
             if report:
                 from simdist.report import RunDir, write_report_or_warn
 
@@ -106,37 +110,38 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
     # Every class's rows priced once; each distinct placement of its groups simulated once.
     op_t = [op_launch_times(tr.ops, gpu, calib, cfg.training.dtype, cfg.training.compile)
             for tr in traces]
-    placed: dict[tuple, _Placed] = {}
-    key_of = [None] * world
+    placed: list[_Placed] = []
+    place_of = np.zeros(world, dtype=np.int64)  # each rank's entry of `placed`
     for cid, (ranks, tr) in enumerate(zip(run.classes, traces)):
         dims = sorted(set(tr.collectives["mesh_dim"].to_pylist()))
         r = np.asarray(ranks)
         sig = (np.stack([places[d][0][r] for d in dims] + [places[d][1][r] for d in dims], 1)
                if dims else np.zeros((len(r), 0), np.int64))
         uniq, inverse = np.unique(sig, axis=0, return_inverse=True)
-        for u, row in enumerate(uniq):
-            key = (cid, tuple(row.tolist()))
+        place_of[r] = len(placed) + np.asarray(inverse).reshape(-1)
+        kern = tr.kernels
+        columns = [kern[c].to_pylist() for c in ("kind", "phase", "stream", "wait", "weight",
+                                                 "label")]
+        for row in uniq:
             where = {d: Placement(int(row[k]), int(row[len(dims) + k])) for k, d in enumerate(dims)}
             coll_t, slow = collective_call_times(tr.collectives, where.__getitem__, gpu, calib)
             dur, sl = event_durations(tr.kernels, op_t[cid], coll_t, slow)
-            k = tr.kernels
-            res = simulate_step(k["kind"].to_pylist(), k["phase"].to_pylist(),
-                                k["stream"].to_pylist(), k["wait"].to_pylist(),
-                                k["weight"].to_pylist(), k["label"].to_pylist(), dur, sl)
-            placed[key] = _Placed(cid, res, dur, sl, coll_t)
-        for idx, rank in zip(np.asarray(inverse).reshape(-1), ranks):
-            key_of[rank] = (cid, tuple(uniq[idx].tolist()))
+            # One placement (the usual case: every rank of the class places its groups alike)
+            # is the binding rank's: keep its spans for timeline.json instead of simulating
+            # it a second time.
+            res = simulate_step(*columns, dur, sl, keep_spans=len(uniq) == 1)
+            placed.append(_Placed(cid, res, dur, sl, coll_t))
 
-    step, bubble = _pipelines(run, placed, key_of, traces)
-    rows = _rank_rows(run, traces, placed, key_of, class_of, step, bubble, gpn)
-    ranks_table = schema.table(schema.RANKS, rows)
+    step, bubble = _pipelines(run, placed, place_of)
+    ranks_table = _rank_table(run, traces, placed, place_of, class_of, step, bubble, gpn)
 
     # Class-level tables carry the time of the class's binding (slowest) rank's placement.
     ops_t, coll_t, mem_t, ker_t, binding = [], [], [], [], []
     for cid, (ranks, tr) in enumerate(zip(run.classes, traces)):
-        rank = max(ranks, key=lambda q: (step[q], -q))
+        r = np.asarray(ranks)  # in rank order: argmax takes the lowest of equally slow ranks
+        rank = int(r[np.argmax(step[r])])
         binding.append(rank)
-        p = placed[key_of[rank]]
+        p = placed[place_of[rank]]
         count = tr.ops["count"].to_numpy(zero_copy_only=False)
         ops_t.append(_with_class(tr.ops, cid, {"est_time_s": (op_t[cid] * count).tolist()}))
         calls = tr.collectives["count"].to_numpy(zero_copy_only=False)
@@ -144,11 +149,12 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
         mem_t.append(_with_class(tr.memory, cid))
         ker_t.append(_with_class(tr.kernels, cid, {"est_time_s": p.durations.tolist()}))
 
-    step_s = float(max(r["step_s"] for r in rows))
-    slowest = max(rows, key=lambda r: (r["step_s"], -r["rank"]))
+    # the slowest and the fullest rank: the first of the maxima (the lowest rank among ties)
+    slowest = _row(ranks_table, int(np.argmax(step)))
+    peak_rank = _row(ranks_table, int(np.argmax(ranks_table["peak_bytes"].to_numpy())))
+    step_s = float(step.max())
     model_flops = sum(len(ranks) * tr.model_flops for ranks, tr in zip(run.classes, traces))
     executed = sum(len(ranks) * tr.flops for ranks, tr in zip(run.classes, traces))
-    peak_rank = max(rows, key=lambda r: (r["peak_bytes"], -r["rank"]))
     t = cfg.training
     tokens = t.global_batch * t.seq_len
     peak_flops = gpu.flops_for(t.dtype)
@@ -156,7 +162,7 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
     per_token = summary.pop("flops_per_token", {})
     summary.update(
         world_size=world,
-        fits=all(r["fits"] for r in rows),
+        fits=bool(pc.all(ranks_table["fits"]).as_py()),
         peak_bytes_max=peak_rank["peak_bytes"],
         peak_rank=peak_rank["rank"],
         memory_limit_bytes=run.memory_limit_bytes,
@@ -179,14 +185,14 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
         time_breakdown=dict(rank=slowest["rank"], compute_s=slowest["compute_s"],
                             comm_s=slowest["comm_s"], exposed_comm_s=slowest["exposed_comm_s"],
                             bubble_s=slowest["bubble_s"], step_s=slowest["step_s"]),
-        bottleneck=_bottleneck(slowest, placed[key_of[slowest["rank"]]].result, places,
+        bottleneck=_bottleneck(slowest, placed[place_of[slowest["rank"]]].result, places,
                                slowest["rank"]),
         calibration=cfg.cluster.calibration or "built-in defaults (simdist/costmodel/calibration.py)",
     )
     if cfg.cluster.price_per_gpu_hour is not None:
         summary["cost_per_million_tokens"] = (cfg.cluster.price_per_gpu_hour * world / 3600
                                               * step_s / tokens * 1e6)
-    timeline = _timeline(run, traces, placed, key_of, binding)
+    timeline = _timeline(traces, placed, place_of, binding)
     return ClusterPlan(
         summary=summary,
         ranks=ranks_table,
@@ -199,57 +205,68 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
     )
 
 
-def _pipelines(run: RunPlan, placed: dict[tuple, _Placed], key_of: list,
-               traces: list[RankTrace]) -> tuple[np.ndarray, np.ndarray]:
+def _pipelines(run: RunPlan, placed: list[_Placed],
+               place_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every rank's step and bubble seconds: its own simulation, or without pipelining; with
     it, the makespan of its pipeline (the ranks that differ only in their pp coordinate)
-    replayed across stages, once per distinct pipeline."""
+    replayed across stages, once per distinct pipeline (its stages' placements)."""
     layout = run.layout
-    world = layout.world_size
-    step = np.array([placed[key_of[r]].result.step_s for r in range(world)])
-    bubble = np.zeros(world)
+    step = np.array([p.result.step_s for p in placed])[place_of]
+    bubble = np.zeros(layout.world_size)
     pp = layout.degree("pp")
     if pp == 1:
         return step, bubble
     stride = layout.strides()["pp"]
-    done: dict[tuple, dict[int, tuple[float, float]]] = {}
-    for first in range(stride):  # the pp-0 rank of every pipeline
-        members = [first + p * stride for p in range(pp)]
-        key = tuple(key_of[m] for m in members)
-        if key not in done:
-            acts, pre, post = {}, {}, {}
-            for p, m in enumerate(members):
-                res = placed[key_of[m]].result
-                acts[p] = res.actions
-                pre[p] = res.actions[0].start if res.actions else 0.0
-                post[p] = res.step_s - (res.actions[-1].end if res.actions else 0.0)
-            done[key] = pipeline_makespan(acts, pre, post, run.cfg.parallel.stages)
-        for p, m in enumerate(members):
-            step[m], bubble[m] = done[key][p]
+    # members[f, p]: the pp-p rank of the pipeline whose pp-0 rank is f (pp is outermost)
+    members = np.arange(stride)[:, None] + stride * np.arange(pp)[None, :]
+    distinct, first, inverse = np.unique(place_of[members], axis=0, return_index=True,
+                                         return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    for u, row in enumerate(distinct):
+        acts, pre, post = {}, {}, {}
+        for p, where in enumerate(row):
+            res = placed[where].result
+            acts[p] = res.actions
+            pre[p] = res.actions[0].start if res.actions else 0.0
+            post[p] = res.step_s - (res.actions[-1].end if res.actions else 0.0)
+        done = pipeline_makespan(acts, pre, post, run.cfg.parallel.stages)
+        ranks = members[inverse == u]
+        for p in range(pp):
+            step[ranks[:, p]], bubble[ranks[:, p]] = done[p]
     return step, bubble
 
 
-def _rank_rows(run: RunPlan, traces: list[RankTrace], placed: dict[tuple, _Placed],
-               key_of: list, class_of: np.ndarray, step: np.ndarray, bubble: np.ndarray,
-               gpn: int) -> list[dict]:
+def _rank_table(run: RunPlan, traces: list[RankTrace], placed: list[_Placed],
+                place_of: np.ndarray, class_of: np.ndarray, step: np.ndarray,
+                bubble: np.ndarray, gpn: int) -> pa.Table:
+    """ranks.parquet: one row per rank, built column by column (per-class and per-placement
+    values gathered by each rank's class and placement)."""
     layout = run.layout
-    rows = []
-    limit = run.memory_limit_bytes
-    for rank in range(layout.world_size):
-        cid = int(class_of[rank])
-        tr = traces[cid]
-        res = placed[key_of[rank]].result
-        rows.append(dict(
-            rank=rank, node=rank // gpn, local_rank=rank % gpn, **layout.coords(rank),
-            class_id=cid,
-            peak_bytes=tr.peak_bytes, param_bytes=tr.param_bytes, grad_bytes=tr.grad_bytes,
-            optimizer_bytes=tr.optimizer_bytes, activation_bytes=tr.activation_bytes,
-            other_bytes=tr.other_bytes, flops=tr.flops, hbm_bytes=tr.hbm_bytes,
-            comm_bytes=tr.comm_bytes, compute_s=res.compute_s, comm_s=res.comm_s,
-            exposed_comm_s=res.exposed_comm_s, bubble_s=float(bubble[rank]),
-            step_s=float(step[rank]), fits=tr.peak_bytes <= limit,
-        ))
-    return rows
+    ranks = np.arange(layout.world_size)
+    coords = dict(zip(MESH_ORDER, np.unravel_index(ranks, layout.degrees)))
+    coords["ep"] = coords["dp_shard"] % layout.ep
+
+    def per_class(field: str) -> np.ndarray:
+        return np.array([getattr(tr, field) for tr in traces], dtype=np.int64)[class_of]
+
+    def per_place(field: str) -> np.ndarray:
+        return np.array([getattr(p.result, field) for p in placed], dtype=np.float64)[place_of]
+
+    peak = per_class("peak_bytes")
+    cols: dict[str, np.ndarray] = dict(rank=ranks, node=ranks // gpn, local_rank=ranks % gpn)
+    cols.update({d: coords[d] for d in COORD_DIMS})
+    cols["class_id"] = class_of
+    cols.update({f: per_class(f) for f in ("peak_bytes", "param_bytes", "grad_bytes",
+                                          "optimizer_bytes", "activation_bytes", "other_bytes",
+                                          "flops", "hbm_bytes", "comm_bytes")})
+    cols.update({f: per_place(f) for f in ("compute_s", "comm_s", "exposed_comm_s")})
+    cols.update(bubble_s=bubble, step_s=step, fits=peak <= run.memory_limit_bytes)
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema.RANKS},
+                    schema=schema.RANKS)
+
+
+def _row(table: pa.Table, i: int) -> dict:
+    return table.slice(i, 1).to_pylist()[0]
 
 
 def _bottleneck(row: dict, res: StepResult, places: dict, rank: int) -> str:
@@ -267,37 +284,40 @@ def _bottleneck(row: dict, res: StepResult, places: dict, rank: int) -> str:
     return f"compute-bound: {100 * row['compute_s'] / step:.0f}% of the step computing"
 
 
-def _timeline(run: RunPlan, traces: list[RankTrace], placed: dict[tuple, _Placed],
-              key_of: list, binding: list[int]) -> dict:
+def _timeline(traces: list[RankTrace], placed: list[_Placed], place_of: np.ndarray,
+              binding: list[int]) -> dict:
     """Chrome trace event format (Perfetto, chrome://tracing): the simulated step of each
     class's binding rank, one process per class, one thread per stream; consecutive events of
     one module and phase on one stream are one span."""
     events: list[dict] = []
     for cid, (rank, tr) in enumerate(zip(binding, traces)):
-        p = placed[key_of[rank]]
+        p = placed[place_of[rank]]
         k = tr.kernels
-        res = simulate_step(k["kind"].to_pylist(), k["phase"].to_pylist(),
-                            k["stream"].to_pylist(), k["wait"].to_pylist(),
-                            k["weight"].to_pylist(), k["label"].to_pylist(), p.durations,
-                            p.slowdown, keep_spans=True)
-        modules, phases = k["module"].to_pylist(), k["phase"].to_pylist()
+        res = p.result if p.result.spans is not None else simulate_step(
+            k["kind"].to_pylist(), k["phase"].to_pylist(), k["stream"].to_pylist(),
+            k["wait"].to_pylist(), k["weight"].to_pylist(), k["label"].to_pylist(),
+            p.durations, p.slowdown, keep_spans=True)
+        names = [m or "(root)" for m in k["module"].to_pylist()]
+        phases = k["phase"].to_pylist()
         events.append({"name": "process_name", "ph": "M", "ts": 0, "dur": 0, "pid": cid,
                        "tid": 0, "args": {"name": f"class {cid} (rank {rank})"}})
         streams: dict[str, int] = {}
         last: dict[str, dict] = {}
-        for span in res.spans or []:
-            tid = streams.setdefault(span.stream, len(streams))
-            name = modules[span.index] or "(root)"
-            ts, dur = span.start * 1e6, (span.end - span.start) * 1e6
-            prev = last.get(span.stream)
-            if (prev is not None and prev["name"] == name and prev["cat"] == phases[span.index]
+        for stream, start, end, index in res.spans or []:
+            name, cat = names[index], phases[index]
+            ts, dur = start * 1e6, (end - start) * 1e6
+            prev = last.get(stream)
+            if (prev is not None and prev["name"] == name and prev["cat"] == cat
                     and abs(prev["ts"] + prev["dur"] - ts) < 1e-6):
                 prev["dur"] = ts + dur - prev["ts"]
                 continue
-            ev = {"name": name, "cat": phases[span.index], "ph": "X", "ts": ts, "dur": dur,
-                  "pid": cid, "tid": tid}
+            tid = streams.get(stream)
+            if tid is None:
+                tid = streams[stream] = len(streams)
+            ev = {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": cid,
+                  "tid": tid}
             events.append(ev)
-            last[span.stream] = ev
+            last[stream] = ev
         for s, tid in streams.items():
             events.append({"name": "thread_name", "ph": "M", "ts": 0, "dur": 0, "pid": cid,
                            "tid": tid, "args": {"name": s}})

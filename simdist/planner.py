@@ -5,15 +5,15 @@ on bad input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from simdist.cache.store import resolve_dir
 from torch import nn
 
 from simdist.config import ConfigError, ParallelConfig, SimdistConfig, require_trusted_code
 from simdist.costmodel import GPUSpec, UnknownGPU, gpu_spec
-from simdist.families import (ModelError, ModelSpec, build_model, entrypoint_spec, hf_spec,
-                              resolve_model)
+from simdist.families import (ModelError, ModelSpec, build_model, count_params, entrypoint_spec,
+                              flops_per_token, hf_spec, resolve_model)
 from simdist.layout import MeshLayout
 from simdist.parallel.classes import rank_classes
 from simdist.parallel.pipeline import (STAGE_FIRST_ONLY, STAGE_LAST_ONLY, rank_stage_ids,
@@ -36,6 +36,10 @@ class RunPlan:
     classes: list[list[int]]
     tasks: list[RankTask]
     exhaustive: bool = False  # every rank its own class (to check the classes)
+    # From the one model the planner builds on meta (plan.json num_params, the MFU
+    # conventions' FLOPs per token: families.flops_per_token).
+    num_params: int = 0
+    flops_per_token: dict[str, int] = field(default_factory=dict)
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -82,7 +86,8 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
     check_plan(cfg, spec)
     gpu = resolve_gpu(cfg)
     layout = layout_of(cfg)
-    classes = compute_classes(cfg, spec, layout)
+    model = build_model(spec, "meta")  # once: the classes, the parameter count, the MFU FLOPs
+    classes = compute_classes(cfg, spec, layout, model)
     if exhaustive:
         classes = [[r] for r in range(layout.world_size)]
     cache_dir = str(resolve_dir(cfg.simulation.cache_dir)) if use_cache else None
@@ -92,13 +97,17 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
                       layer_cache_dir=cache_dir,
                       pipeline_memo=use_cache and cfg.simulation.pipeline_memo)
              for ranks in classes]
-    return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive)
+    return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive,
+                   num_params=count_params(model),
+                   flops_per_token=flops_per_token(spec, cfg.training.seq_len, model))
 
 
-def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout) -> list[list[int]]:
+def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout,
+                    model: nn.Module | None = None) -> list[list[int]]:
+    """`model`: the spec built on meta, where the caller has it."""
     p = cfg.parallel
     dim0_by_stage = []
-    for dim0 in stage_dim0(spec, p):  # each pipeline rank's own parameters
+    for dim0 in stage_dim0(spec, p, model):  # each pipeline rank's own parameters
         if p.tp > 1:
             # FSDP shards the tensor-parallel shard: dims split by TP appear at dim0 / tp.
             # Adding both sizes can only split classes further, never merge ranks that differ.
@@ -110,10 +119,11 @@ def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout) -> 
     return list(rank_classes(layout, dim0_by_stage, ep_loads, expert_dim0).values())
 
 
-def stage_dim0(spec: ModelSpec, p: ParallelConfig) -> list[list[int]]:
+def stage_dim0(spec: ModelSpec, p: ParallelConfig,
+               model: nn.Module | None = None) -> list[list[int]]:
     """Dim-0 sizes of the parameters every pipeline rank holds, from one model built on meta
     (the stages keep what parallel/pipeline.py: prune_to_stage keeps)."""
-    model = build_model(spec, "meta")
+    model = model if model is not None else build_model(spec, "meta")
     if p.pp == 1 or not hasattr(model, "layers"):
         return [[prm.shape[0] for prm in model.parameters() if prm.dim() > 0]]
     dim0 = lambda m: [prm.shape[0] for prm in m.parameters() if prm.dim() > 0]  # noqa: E731

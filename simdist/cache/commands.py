@@ -100,8 +100,10 @@ def _layer_info(root: Path, current: str | None) -> None:
     for d in dirs:
         files = [p for p in d.glob("*.arrow") if p.is_file()]
         nbytes = sum(p.stat().st_size for p in files)
+        rebuilt = sum(p.name.endswith(".rebuilt.arrow") for p in files)
         print(f"layer store {d.name}{'  (this install)' if d.name == mine else ''}")
-        print(f"  entries {len(files)} (layer-memo models), {_human(nbytes)} ({nbytes} bytes)")
+        print(f"  entries {len(files) - rebuilt} (layer-memo models) + {rebuilt} (rebuilt "
+              f"ranks), {_human(nbytes)} ({nbytes} bytes)")
 
 
 def clear(cache_dir: str | None) -> int:

@@ -7,11 +7,16 @@ on a multi-node cluster the models land in the user's cache dir, not on the work
 Layout::
 
     <cache_dir>/layers/memo<N>-torch-<torch version>/<blake2b-128 of the key>.arrow
+    <cache_dir>/layers/memo<N>-torch-<torch version>/<blake2b-128 of the key>.rebuilt.arrow
 
-One file per key. The key is the text of everything a memo model depends on: the rank's
-short task (model shape without its depth, plan, rank, micro-batching, dtype, checkpointing),
-the memo format, the torch version and a digest of the simdist source that executes ranks (so
-a changed simdist never reuses an old model). The file holds the key itself (schema metadata,
+One file per key. Two kinds: a memo model (`get` / `put`), and a rebuilt rank (`get_tables`
+/ `put_tables`: the trace a model gives for one depth, as its Arrow tables and scalar fields,
+so a warm run reads tables instead of rebuilding the events; its key is the model's key and
+the depth). The key is the text of everything a memo model depends on: the execution
+signature of the rank's short task (simdist/execution_key.py: the fields execution reads, the
+rank by its mesh position, so plans that differ only in what does not change the recorded
+events share the model), the memo format, the torch version and a digest of the simdist source
+that executes ranks (so a changed simdist never reuses an old model). The file holds the key itself (schema metadata,
 compared on read: a hash collision or a foreign file is a miss) and the model as one row per
 part: the a-block event streams, the edits one more block makes, the scalars.
 
@@ -40,8 +45,12 @@ import pyarrow as pa
 from simdist.cache.store import CacheWarning, _size, max_bytes_default, resolve_dir
 
 MEMO_FORMAT = 2
+REBUILT_FORMAT = 1
 _SCHEMA = pa.schema([("part", pa.string()), ("json", pa.large_string())])
+_TABLES_SCHEMA = pa.schema([("part", pa.string()), ("ipc", pa.large_binary())])
 _META_KEY = b"simdist.layers.key"
+_META_FIELDS = b"simdist.layers.fields"
+_REBUILT = ".rebuilt.arrow"
 _reported: set[str] = set()
 
 
@@ -86,21 +95,66 @@ class LayerStore:
     def dir(self) -> Path:
         return self.root / "layers" / f"memo{MEMO_FORMAT}-torch-{self.torch_version}"
 
-    def key(self, short_task: Any) -> str:
-        return f"memo{MEMO_FORMAT} torch {self.torch_version} src {source_digest()} {short_task!r}"
+    def key(self, signature: str) -> str:
+        """The store key of a model recorded for `signature` (execution_key.py)."""
+        return f"memo{MEMO_FORMAT} torch {self.torch_version} src {source_digest()} {signature}"
 
-    def _path(self, key: str) -> Path:
-        return self.dir / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.arrow"
+    def rebuilt_key(self, key: str, depth: str) -> str:
+        """The key of the rank a model (`key`) gives for `depth` (the memo shape's text)."""
+        return f"{key} rebuilt{REBUILT_FORMAT} {depth}"
+
+    def _path(self, key: str, suffix: str = ".arrow") -> Path:
+        return self.dir / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}{suffix}"
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self._path(key)
+        table = self._read(self._path(key), key)
+        return decode(table) if table is not None else None
+
+    def put(self, key: str, parts: dict[str, Any]) -> None:
+        """Best effort: a cache that cannot be written costs speed, never the run."""
+        self._write(self._path(key), encode(parts), key)
+
+    def get_tables(self, key: str) -> tuple[dict[str, pa.Table], dict[str, Any]] | None:
+        """A rebuilt rank: its named tables (memory-mapped, zero-copy) and its fields."""
+        path = self._path(key, _REBUILT)
+        table = self._read(path, key)
+        if table is None:
+            return None
+        try:
+            tables = {p: pa.ipc.open_stream(b.as_buffer()).read_all()
+                      for p, b in zip(table["part"].to_pylist(), table["ipc"])}
+            fields = json.loads(table.schema.metadata[_META_FIELDS])
+        except Exception as e:  # noqa: BLE001 - as _read: a reported miss
+            self._quarantine(path, f"{type(e).__name__}: {e}")
+            return None
+        return tables, fields
+
+    def put_tables(self, key: str, tables: dict[str, pa.Table], fields: dict[str, Any]) -> None:
+        """Keep a rebuilt rank (best effort, as `put`)."""
+        try:
+            blobs = []
+            for t in tables.values():
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, t.schema) as w:
+                    w.write_table(t)
+                blobs.append(sink.getvalue().to_pybytes())
+            table = pa.table({"part": list(tables), "ipc": blobs}, schema=_TABLES_SCHEMA)
+            table = table.replace_schema_metadata({_META_FIELDS: json.dumps(fields).encode()})
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            _warn_once(str(self.dir), f"simdist cache: rebuilt rank not stored: {e}")
+            return
+        self._write(self._path(key, _REBUILT), table, key)
+
+    def _read(self, path: Path, key: str) -> pa.Table | None:
         try:
             with pa.memory_map(str(path)) as f:
                 table = pa.ipc.open_file(f).read_all()
             table.validate(full=True)
-            if (table.schema.metadata or {}).get(_META_KEY, b"").decode() != key:
+            meta = table.schema.metadata or {}
+            if meta.get(_META_KEY, b"").decode() != key:
                 raise ValueError("the file holds another key")
-            parts = decode(table.replace_schema_metadata(None))
+            table = table.replace_schema_metadata({k: v for k, v in meta.items()
+                                                   if k != _META_KEY})
         except FileNotFoundError:
             return None
         except Exception as e:  # noqa: BLE001 - any unreadable file is a reported miss
@@ -108,14 +162,13 @@ class LayerStore:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # LRU
-        return parts
+        return table
 
-    def put(self, key: str, parts: dict[str, Any]) -> None:
-        """Best effort: a cache that cannot be written costs speed, never the run."""
+    def _write(self, path: Path, table: pa.Table, key: str) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            table = encode(parts).replace_schema_metadata({_META_KEY: key.encode()})
-            path = self._path(key)
+            meta = dict(table.schema.metadata or {})
+            table = table.replace_schema_metadata({**meta, _META_KEY: key.encode()})
             tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
             with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(
                     f, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
@@ -127,16 +180,19 @@ class LayerStore:
         except OSError as e:
             _warn_once(str(self.dir), f"simdist cache: layer memo not stored in {self.dir}: {e}")
 
-    def files(self) -> list[Path]:
-        return sorted(self.dir.glob("*.arrow")) if self.dir.is_dir() else []
+    def files(self, rebuilt: bool = False) -> list[Path]:
+        """The models' files (`rebuilt`: also the rebuilt ranks')."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("*.arrow")
+                      if rebuilt or not p.name.endswith(_REBUILT))
 
     def usage(self) -> tuple[int, int]:
-        """(models stored, bytes on disk)."""
-        files = self.files()
-        return len(files), sum(_size(p) for p in files)
+        """(models stored, bytes on disk: models and rebuilt ranks)."""
+        return len(self.files()), sum(_size(p) for p in self.files(rebuilt=True))
 
     def _evict(self) -> None:
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.files()]
+        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.files(rebuilt=True)]
         total = sum(size for _, size, _ in files)
         for _, size, p in sorted(files):
             if total <= self.max_bytes:

@@ -123,6 +123,17 @@ def _rate(c: dict[str, int]) -> float:
     return c["hits"] / n if n else 0.0
 
 
+def undispatched_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
+    """plan.json `cache` for a run that rebuilt every class from the layer store: nothing was
+    dispatched, so the dispatch store was neither loaded nor written (its size: not read)."""
+    from simdist.cache.store import resolve_dir
+
+    c = _op_counts(traces)
+    return dict(enabled=True, dir=str(resolve_dir(cache_dir)), **dict(c, size=None),
+                hit_rate=_rate(c), loaded=0, new_entries=0,
+                note="nothing executed: the dispatch store was not loaded", warnings=[])
+
+
 def disabled_summary(traces: list) -> dict[str, Any]:
     """plan.json `cache` for --no-cache: the in-process counters only."""
     c = _op_counts(traces)

@@ -39,12 +39,10 @@ WAIT_NONE, WAIT_ALL = -1, -2  # as simdist.schema.KERNELS
 COMPUTE = "compute"
 
 
-@dataclass(frozen=True)
-class Span:
-    stream: str
-    start: float
-    end: float
-    index: int  # the event's index in the kernel stream
+# A span of the simulated step (keep_spans): (stream, start, end, index of the event in the
+# kernel stream). A plain tuple: a step keeps one per timed event (10^5 for a deep pipeline
+# stage), and a named record costs several times a tuple to build.
+Span = tuple[str, float, float, int]
 
 
 @dataclass(frozen=True)
@@ -76,9 +74,14 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
     """One rank's step. `duration[i]`: seconds of event i alone (0 for marks); `slowdown[i]`:
     for a collective, the factor by which compute beside it runs slower (1 otherwise)."""
     n = len(kind)
-    done = np.zeros(n)
+    # Plain Python lists: the loop reads one element at a time, and a numpy scalar read costs
+    # several times a list read (the values are the same doubles).
+    duration = duration.tolist() if isinstance(duration, np.ndarray) else list(duration)
+    slowdown = slowdown.tolist() if isinstance(slowdown, np.ndarray) else list(slowdown)
+    done = [0.0] * n
     free: dict[str, float] = {}  # stream -> when it is free
     busy: dict[str, tuple[float, float]] = {}  # non-compute stream -> (until, slowdown)
+    busy_until = 0.0  # the latest `until` in busy: compute starting after it runs unslowed
     t = 0.0  # the compute stream's clock
     compute_s = comm_s = exposed = 0.0
     comm_by: dict[str, float] = {}
@@ -102,13 +105,13 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
                                   for x in wait[i:j]], [1] * (j - i),
                                  label[i:j], duration[i:j], slowdown[i:j], keep_spans)
             if spans is not None:  # the first repetition as it runs, the others as one span
-                spans.extend(Span(sp.stream, t0 + sp.start, t0 + sp.end, sp.index + i)
-                             for sp in part.spans or [])
-                spans.append(Span(COMPUTE, t0 + part.step_s, t0 + w * part.step_s, i))
+                spans.extend((st, t0 + a, t0 + b, x + i) for st, a, b, x in part.spans or [])
+                spans.append((COMPUTE, t0 + part.step_s, t0 + w * part.step_s, i))
             t = t0 + w * part.step_s
             for s in list(free):
                 free[s] = t
             busy.clear()
+            busy_until = 0.0
             compute_s += w * part.compute_s
             comm_s += w * part.comm_s
             exposed += w * part.exposed_comm_s
@@ -116,7 +119,7 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
                 comm_by[s] = comm_by.get(s, 0.0) + w * v
             for s, v in part.exposed_by_stream.items():
                 exposed_by[s] = exposed_by.get(s, 0.0) + w * v
-            done[i:j] = t
+            done[i:j] = [t] * (j - i)
             prev_side, prev_phase = -1, phase[j - 1]
             i = j
             continue
@@ -131,7 +134,7 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
             done[i] = t
             i += 1
             continue
-        d = float(duration[i])
+        d = duration[i]
         if s == COMPUTE:
             start = t
             joins = (prev_phase == "bwd" and ph != "bwd") or (ph == "optim" and prev_phase != "optim")
@@ -145,7 +148,8 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
                 exposed += waited[0] - start
                 exposed_by[waited[1]] = exposed_by.get(waited[1], 0.0) + waited[0] - start
                 start = waited[0]
-            d = _contended(d, start, busy)
+            if busy_until > start:  # else no collective runs beside it: `d` as it is
+                d = _contended(d, start, busy)
             t = start + d
             done[i] = t
             compute_s += d
@@ -158,10 +162,11 @@ def simulate_step(kind: Sequence[str], phase: Sequence[str], stream: Sequence[st
             if k == "coll":
                 comm_s += d
                 comm_by[s] = comm_by.get(s, 0.0) + d
-                busy[s] = (end, float(slowdown[i]))
+                busy[s] = (end, slowdown[i])
+                busy_until = max(busy_until, end)
             prev_side = i
         if spans is not None and d > 0:
-            spans.append(Span(s, done[i] - d, done[i], i))
+            spans.append((s, done[i] - d, done[i], i))
         prev_phase = ph
         i += 1
     step = max([t, *free.values()])

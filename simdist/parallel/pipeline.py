@@ -8,19 +8,26 @@ from collections.abc import Callable
 from torch import nn
 
 from simdist.config import ParallelConfig
-from torch.distributed.pipelining.schedules import (
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-)
 
-SCHEDULES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "zero_bubble": ScheduleInterleavedZeroBubble,
-}
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    """SCHEDULES on first use: torch.distributed.pipelining imports torch._dynamo (half a
+    second), which only ranks that execute need, not the planner or a warm run."""
+    if name != "SCHEDULES":
+        raise AttributeError(name)
+    from torch.distributed.pipelining.schedules import (
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+    )
+
+    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+                 "interleaved_1f1b": ScheduleInterleaved1F1B,
+                 "zero_bubble": ScheduleInterleavedZeroBubble}
+    globals()["SCHEDULES"] = schedules
+    return schedules
+
 def split_layers(n_layers: int, num_stages: int, pp_layers: list[int] | None) -> list[list[int]]:
     """Layer indices of every stage: `pp_layers` when given, else as even as possible (the
     earlier stages take the remainder, as torchtitan's default split does)."""

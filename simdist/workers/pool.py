@@ -88,8 +88,9 @@ class ActorPool:
 
     def build(self, job: Any, runs: list[StepStreams]) -> asyncio.Future:
         """MemoJob.build on some actor, or in this process (a thread) when the pool has no
-        actors (nothing to execute); resolves to its BuildResult."""
-        if not self.actors:
+        actors or the model comes from the layer store (`runs` empty: a build of stored
+        events is shorter than a call to an actor); resolves to its BuildResult."""
+        if not self.actors or not runs:
             return asyncio.ensure_future(self._build_here(job, runs))
         return self._submit(-math.inf, ("build", job, runs))
 
