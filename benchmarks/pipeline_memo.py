@@ -98,8 +98,15 @@ def main() -> None:
         ratios={f"{'memo' if m else 'full'} {max(args.counts)}/{min(args.counts)}":
                 by[(max(args.counts), m)] / by[(min(args.counts), m)]
                 for m in memos if len(args.counts) > 1})
+    # memo and full execution must give the same plan: compare the figures both record
+    result["same_plan"] = {
+        n: all(a[k] == b[k] for k in ("step_time_s", "peak_bytes_max"))
+        for n in args.counts
+        for a in rows if a["microbatches"] == n and a["pipeline_memo"]
+        for b in rows if b["microbatches"] == n and not b["pipeline_memo"]}
     for k, v in result["ratios"].items():
         print(f"  {k}: {v:.2f}x")
+    print(f"  memo and full execution give the same step time and peak: {result['same_plan']}")
     out = args.out or HERE / "results" / f"pipeline_memo{'-small' if args.small else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

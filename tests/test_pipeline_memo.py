@@ -137,7 +137,8 @@ def test_counts_only_where_they_cost_less_than_the_step() -> None:
 
 # --- slow: every schedule on a first, a middle and the last stage; FSDP, TP+SP; the layer memo --
 
-SLOW_COUNTS = {"gpipe": 24, "1f1b": 32, "interleaved_1f1b": 24, "zero_bubble": 64}
+SLOW_COUNTS = {"gpipe": 24, "1f1b": 32, "interleaved_1f1b": 24, "zero_bubble": 64}  # pp 4
+PP2_COUNTS = {"gpipe": 20, "1f1b": 24, "interleaved_1f1b": 18, "zero_bubble": 32}
 
 
 @pytest.mark.slow
@@ -150,19 +151,24 @@ def test_first_middle_last_stage_equal_full_execution(schedule: str, rank: int) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", list(SLOW_COUNTS))
+@pytest.mark.parametrize("schedule", list(PP2_COUNTS))
 def test_fsdp_pipeline_equals_full_execution(schedule: str) -> None:
     stages = 4 if schedule in ("interleaved_1f1b", "zero_bubble") else 2
     assert_same(_model(1, stages), pp=2, rank=1, dp_shard=2, pp_schedule=schedule,
-                num_microbatches=SLOW_COUNTS[schedule])
+                num_microbatches=PP2_COUNTS[schedule])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", list(SLOW_COUNTS))
+@pytest.mark.parametrize("schedule", list(PP2_COUNTS))
 def test_tp_sp_pipeline_equals_full_execution(schedule: str) -> None:
     stages = 4 if schedule in ("interleaved_1f1b", "zero_bubble") else 2
-    assert_same(_model(1, stages, "gpt-debug"), pp=2, rank=0, tp=2, sequence_parallel=True,
-                pp_schedule=schedule, num_microbatches=SLOW_COUNTS[schedule])
+    # (GPT with sequence parallelism under zero bubble fails in full execution too: its
+    # column-parallel linears regather their input in backward through selective checkpointing,
+    # parallel/checkpointing.py regather_in_backward, which torch will not backward through
+    # twice, as the split I and W passes do)
+    preset = "llama3-debug" if schedule == "zero_bubble" else "gpt-debug"
+    assert_same(_model(1, stages, preset), pp=2, rank=0, tp=2, sequence_parallel=True,
+                pp_schedule=schedule, num_microbatches=PP2_COUNTS[schedule])
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ import torch
 from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
-from simdist.mode.memory import local_tensor
+from simdist.mode.memory import MemoryTracker, local_tensor
 from simdist.trace import Boundary, KernelEvent
 
 COMPUTE = "compute"
@@ -51,11 +51,11 @@ def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
 
 
 class KernelStream:
-    def __init__(self, ctx: StepContext, memory: Any = None) -> None:
+    def __init__(self, ctx: StepContext, memory: MemoryTracker | None = None) -> None:
         self.ctx = ctx
         self.events: list[KernelEvent] = []
         # Points of the schedule with the positions of the kernel and memory streams there
-        # (the pipeline memo cuts the streams at them); `memory`: the MemoryTracker.
+        # (the pipeline memo cuts the streams at them); `memory`: the step's memory recorder.
         self.boundaries: list[Boundary] = []
         self._memory = memory
         # storage -> index of the event of another stream that last wrote it (not yet waited)

@@ -26,7 +26,7 @@ class RankWorker:
 
     def simulate(self, task: RankTask, keep_streams: bool = False,
                  cache_arg: Any = None) -> tuple[RankTrace, str, Any]:
-        """Execute `task` as it is (a full rank, or one of the layer memo's short steps).
+        """Execute `task` as it is (a full rank, or one of a memo's short steps).
         `cache_arg` (simdist.cache.run.CacheArg, None with --no-cache): FakeTensorMode's cache
         is warmed from the store's snapshot (fetched once per snapshot per actor) and the
         execution's CacheDelta is returned for the CacheService."""
@@ -43,8 +43,8 @@ class RankWorker:
         return trace, self.node_id(), self._cache.last_delta
 
     def build(self, job: Any, runs: list[StepStreams]) -> tuple[Any, str]:
-        """A layer-memo rank rebuilt from its stored model or fitted to its executed short steps
-        (simdist.memo.MemoJob.build: a BuildResult)."""
+        """A memo job's rank or step rebuilt from its stored model or fitted to its executed
+        short steps (simdist.memo.MemoJob / PipelineJob.build: a BuildResult)."""
         return job.build(runs), self.node_id()
 
     def symbolic(self, task: RankTask, dim: SymbolicDim) -> tuple[SymbolicTrace, str]:
