@@ -348,6 +348,15 @@ async def simulate_task(pool: Pool, task: RankTask, job: MemoJob | PipelineJob |
     return cost.account(trace)
 
 
+def account_stored(job: MemoJob, trace: RankTrace, seconds: float) -> RankTrace:
+    """A layer-memo hit's `trace` obtained outside the protocol (simdist/rebuilt.py reads it as
+    the layer store keeps it), accounted as `simulate_task` accounts a memo hit."""
+    trace.layer_memo = "memo-hit"
+    trace.blocks_total = job.shape.layers_per_stage * len(job.shape.stages)
+    trace.pipeline_memo = _pipeline_status(job.task, [])
+    return _Cost(build_s=seconds).account(trace)
+
+
 def simulate_rank(task: RankTask, around_rank: Any = None) -> RankTrace:
     """One rank, start to end in this process (tests, benchmarks): the same protocol as
     `simdist run`, on a pool that executes here. `around_rank`: see workers/local.py."""

@@ -17,7 +17,7 @@ import torch
 
 from simdist.cache.layers import LayerStore
 from simdist.execution_key import relabel_table, table_relabellable
-from simdist.memo import MemoJob, memo_key
+from simdist.memo import MemoJob, account_stored, memo_key
 from simdist.trace import RankTask, RankTrace
 
 # A rank's step as `summarize` gives it (mode/streams.py): its tables and its fields.
@@ -51,7 +51,7 @@ def stored_rank(task: RankTask) -> RankTrace | None:
         return None  # (a foreign entry: the key matched but the contents do not)
     tables["collectives"] = relabel_table(tables["collectives"], task)
     trace = RankTrace(rank=task.rank, wall_s=0.0, **fields, **tables)
-    return entry[2].account(trace, [], time.perf_counter() - t0)
+    return account_stored(entry[2], trace, time.perf_counter() - t0)
 
 
 def keep_rebuilt(task: RankTask, trace: RankTrace) -> None:
