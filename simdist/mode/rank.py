@@ -35,21 +35,6 @@ def _cache_counts() -> dict[str, int]:
             "size": info.size}
 
 
-def simulate_rank(task: RankTask, cache: RankCache | None = None) -> RankTrace:
-    """One rank's step, start to end in this process: through the layer memo where it applies
-    (its short steps executed one after another), else executed in full. The coordinator runs
-    the same pieces (`open_memo`, `execute_unit`, `MemoJob.build`) spread over its actors."""
-    job = open_memo(task)
-    if job is None:
-        return execute_unit(task, cache)
-    units = [execute_unit(t, cache, keep_streams=True) for t in job.short_tasks()]
-    trace, parts, build_s = job.build([u.streams for u in units])
-    store_memo(job, parts)
-    if trace is None:  # the short steps do not fit the memo's model
-        units.append(execute_unit(task, cache))
-    return job.account(trace, units, build_s)
-
-
 def execute_unit(task: RankTask, around_rank: AbstractContextManager | None = None,
                  keep_streams: bool = False) -> RankTrace:
     """Execute `task` as it is (never through the memo), with FakeTensorMode's dispatch-cache

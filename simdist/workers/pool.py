@@ -102,7 +102,8 @@ class ActorPool:
 
     async def _build_here(self, job: Any, runs: list[StepStreams]) -> Any:
         result = await asyncio.to_thread(job.build, runs)
-        self.nodes.add(ray.get_runtime_context().get_node_id())
+        if ray.is_initialized():  # (never start Ray to name the node)
+            self.nodes.add(ray.get_runtime_context().get_node_id())
         return result
 
     def _submit(self, priority: float, call: tuple) -> asyncio.Future:
