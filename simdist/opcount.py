@@ -46,16 +46,17 @@ def written(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) ->
             if a.alias_info is not None and a.alias_info.is_write and a.name in named]
 
 
-def launches_kernel(func: Any, out: Any, args: tuple = (), kwargs: dict | None = None) -> bool:
-    """False for views, metadata, allocation and collective ops, and ops that neither return
-    a tensor nor write one in place: they move no data."""
+def kernel_writes(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+    """What the op's kernel writes (see `written`), or None where it launches no kernel: views,
+    metadata, allocation and collective ops, and ops that neither return a tensor nor write one
+    in place move no data."""
     if not isinstance(func, torch._ops.OpOverload) or func.is_view \
             or func.namespace in SKIP_NAMESPACES:
-        return False
+        return None
     if func._overloadpacket.__name__ in NO_TRAFFIC:
-        return False
-    return any(isinstance(t, torch.Tensor)
-               for t in tree_iter(written(func, args, kwargs or {}, out)))
+        return None
+    wrote = written(func, args, kwargs, out)
+    return wrote if any(isinstance(t, torch.Tensor) for t in tree_iter(wrote)) else None
 
 
 def is_write_only(func: torch._ops.OpOverload) -> bool:

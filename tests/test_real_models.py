@@ -170,16 +170,12 @@ def test_hf_config_json_and_tensor_parallel_plan(tmp_path):
     assert plan_run(cfg, use_cache=False).spec.args.n_layers == 3
 
 
-def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
-    """Qwen3's own `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down,
-    per-head q_norm / k_norm `replicated_with_grad_allreduce`, the vocab-sharded embedding
-    (embedding_rowwise) and head (colwise_gather_output, kept sharded for loss_parallel)."""
-    pytest.importorskip("transformers")
-    a, L, s, t = HF_CASES["qwen3"], 2, 128, 2
-    h, hd = a["hidden_size"], a["head_dim"]
 
+def _hf_tp_pair(model_type: str, a: dict, s: int, t: int):  # noqa: ANN202
+    """An HF model's rank 0 without TP and with TP `t` (its own _tp_plan), and the TP run's
+    collectives as (phase, kind, bytes) -> count (every one on the tp group of size t)."""
     def trace(tp: int):  # noqa: ANN202
-        cfg = load_config({"model": {"hf": dict(model_type="qwen3", **a)},
+        cfg = load_config({"model": {"hf": dict(model_type=model_type, **a)},
                            "training": {"seq_len": s}, "cluster": {"gpus_per_node": tp},
                            "parallel": {"tp": tp}})
         run = plan_run(cfg, use_cache=False)
@@ -191,6 +187,18 @@ def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
     for r in tp2.collectives.to_pylist():
         assert r["mesh_dim"] == "tp" and r["group_size"] == t
         c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    return spec1, tp1, tp2, c
+
+
+def test_hf_qwen3_tensor_parallel_from_its_own_plan_is_exact():
+    """Qwen3's own `_tp_plan` (transformers): colwise q/k/v and gate/up, rowwise o and down,
+    per-head q_norm / k_norm `replicated_with_grad_allreduce`, the vocab-sharded embedding
+    (embedding_rowwise) and head (colwise_gather_output, kept sharded for loss_parallel)."""
+    pytest.importorskip("transformers")
+    a, L, s, t = HF_CASES["qwen3"], 2, 128, 2
+    h, hd = a["hidden_size"], a["head_dim"]
+
+    spec1, tp1, tp2, c = _hf_tp_pair("qwen3", a, s, t)
     act = 1 * s * h * 2  # one bf16 [b, s, h] activation, micro-batch 1
     assert dict(c) == {
         # forward: the partial outputs of o_proj and down_proj, and the vocab-sharded
@@ -219,19 +227,7 @@ def test_hf_mixtral_tensor_parallel_experts_from_its_own_plan_are_exact():
     a, L, s, t = HF_CASES["mixtral"], 2, 128, 2
     h, E, k = a["hidden_size"], a["num_local_experts"], a["num_experts_per_tok"]
 
-    def trace(tp: int):  # noqa: ANN202
-        cfg = load_config({"model": {"hf": dict(model_type="mixtral", **a)},
-                           "training": {"seq_len": s}, "cluster": {"gpus_per_node": tp},
-                           "parallel": {"tp": tp}})
-        run = plan_run(cfg, use_cache=False)
-        return run.spec, simulate_rank(run.tasks[0])
-
-    spec1, tp1 = trace(1)
-    _, tp2 = trace(t)
-    c = collections.Counter()
-    for r in tp2.collectives.to_pylist():
-        assert r["mesh_dim"] == "tp" and r["group_size"] == t
-        c[(r["phase"], r["kind"], r["bytes"])] += r["count"]
+    spec1, tp1, tp2, c = _hf_tp_pair("mixtral", a, s, t)
     act = 1 * s * h * 2  # one bf16 [b, s, h] activation, micro-batch 1
     assert dict(c) == {
         # forward: o_proj's and the experts' partial outputs, the vocab-sharded embedding's

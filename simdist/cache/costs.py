@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_iter
 from simdist.cache import schema as S
 from simdist.cache.codec import TORCH_VERSION, Unencodable, meta_tensor, rebuild_args
 from simdist.costmodel import GPUSpec, kernel_times
-from simdist.opcount import bytes_read, kernel_flops, launches_kernel, shape_text, tensor_bytes, written
+from simdist.opcount import bytes_read, kernel_flops, kernel_writes, shape_text, tensor_bytes
 
 
 def _out_tensor(info: ft._DispatchCacheEntryOutputInfo, args: tuple) -> object:
@@ -44,13 +44,14 @@ def cost_row(kid: str, key: ft._DispatchCacheKey, entry: object, gpu: GPUSpec,
     except (Unencodable, RuntimeError, TypeError, ValueError, IndexError):
         return None
     out = tuple(outs) if entry.is_output_tuple else outs[0]
-    if not launches_kernel(func, out, args, kwargs):
+    wrote_tensors = kernel_writes(func, args, kwargs, out)
+    if wrote_tensors is None:
         return None
     try:
         flops = kernel_flops(func, args, kwargs, out)
     except Exception:  # a formula that cannot take these arguments: no row, never a guess
         return None
-    wrote = tensor_bytes(written(func, args, kwargs, out))
+    wrote = tensor_bytes(wrote_tensors)
     read = bytes_read(func, args, kwargs)
     # One launch, timed by the kernel model the merge uses (costmodel/kernels.py).
     shapes = ";".join(shape_text(t) for t in tree_iter((args, kwargs))

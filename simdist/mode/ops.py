@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
 from simdist.mode.memory import is_dtensor_dispatch
-from simdist.opcount import is_write_only, kernel_flops, launches_kernel, shape_text, written
+from simdist.opcount import is_write_only, kernel_flops, kernel_writes, shape_text
 from simdist.trace import OpEvent, OpHead, OpItem
 
 def _items(args: Any, out: Any) -> tuple[OpItem, ...]:
@@ -43,13 +43,15 @@ class OpCounter(TorchDispatchMode):
             return NotImplemented
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.ctx.excluded or self.ctx.phase == "init" \
-                or not launches_kernel(func, out, args, kwargs):
+        if self.ctx.excluded or self.ctx.phase == "init":
+            return out
+        wrote = kernel_writes(func, args, kwargs, out)
+        if wrote is None:
             return out
         head = OpHead(str(func._overloadpacket).removeprefix("aten."), self.ctx.phase,
                       self.ctx.module(), self.ctx.weight, kernel_flops(func, args, kwargs, out),
                       is_write_only(func))
-        self.events.append(OpEvent(head, _items(args, written(func, args, kwargs, out))))
+        self.events.append(OpEvent(head, _items(args, wrote)))
         if self.ctx.kernels is not None:
             self.ctx.kernels.on_op((args, kwargs), out, head.module)
         return out
