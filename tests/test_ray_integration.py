@@ -210,3 +210,34 @@ def test_layer_memo_through_the_actor_pool_and_rebuilt_equals_full_execution(loc
                 ours, theirs = _class_rows(plan, name, cls), _class_rows(full, name, cls)
                 assert len(ours) == len(theirs) > 0
                 assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, {cls}"
+
+
+def test_pipeline_memo_through_the_actor_pool_and_rebuilt_equals_full_execution(local_ray,
+                                                                                  tmp_path):
+    # Interleaved 1F1B over 2 pipeline ranks (4 stages of 1 block: no layer memo), 18
+    # micro-batches: each class executes 3 and 4 micro-batches (fit) and 6 (verify) on the pool
+    # and is built there; the second run reads both models back; --no-cache executes all 18.
+    c = load_config({
+        "model": {"preset": "llama3-debug", "n_layers": 4},
+        "training": {"seq_len": 64, "micro_batch": 1, "global_batch": 18},
+        "parallel": {"dp_shard": 1, "pp": 2, "pp_schedule": "interleaved_1f1b"},
+        "cluster": {"gpu": "h100-sxm", "gpus_per_node": 2, "nodes": 1},
+        "simulation": {"cache_dir": str(tmp_path / "c")},
+    })
+    memo = simulate(c)
+    rebuilt = simulate(c)
+    full = simulate(c, use_cache=False)
+    assert memo.summary["cache"]["pipeline"]["misses"] == 2
+    assert rebuilt.summary["cache"]["pipeline"]["hits"] == 2
+    assert full.summary["cache"]["pipeline"]["off"] == 2
+    b = full.ranks.to_pylist()
+    assert len(b) == 2 and full.summary["step_time_s"] == memo.summary["step_time_s"]
+    for plan in (memo, rebuilt):
+        a = plan.ranks.to_pylist()
+        for ra, rb in zip(a, b, strict=True):
+            assert _same_row(ra, rb), f"rank {ra['rank']}: {ra} != {rb}"
+        for cls in {r["class_id"] for r in a}:
+            for name in (*CLASS_TABLES, "kernels"):
+                ours, theirs = _class_rows(plan, name, cls), _class_rows(full, name, cls)
+                assert len(ours) == len(theirs) > 0
+                assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, {cls}"

@@ -389,10 +389,10 @@ def _pieces_at(pieces: list[Piece], n0: int, n: int) -> list:
 class _Template:
     """A unit's events (values maybe Lin), with the places of its marks and remote waits."""
     events: dict[str, tuple]
-    lin: bool = False
-    marks: list[int] = field(default_factory=list)
-    refs: list[int] = field(default_factory=list)
-    _at_n: dict[int, dict[str, tuple]] = field(default_factory=dict)
+    lin: bool = field(init=False)
+    marks: list[int] = field(init=False)  # kernel events of the unit's own marks
+    refs: list[int] = field(init=False)  # kernel events waiting on another unit
+    _at_n: dict[int, dict[str, tuple]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lin = _has_lin(tuple(self.events.values()))
@@ -417,10 +417,6 @@ class PipelineModel:
     epilogue: dict[str, list[Piece]]
     units: dict[tuple, _Template]
     scalars: dict[str, Any]
-
-    def covers(self, n: int) -> bool:
-        order = self.shape.order(n)
-        return order is not None and set(unit_keys(self.shape, order, n)) <= set(self.units)
 
     def streams(self, n: int) -> StepStreams:
         """The step for `n` micro-batches (FitError where a unit's key or a wait's target is
