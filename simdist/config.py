@@ -114,12 +114,16 @@ class ModelConfig(BaseModel):
     # With an entrypoint: the path of the model's block container (a ModuleList or ModuleDict,
     # e.g. `model.layers`), what FSDP and checkpointing wrap one unit each; default `layers`.
     blocks: str | None = None
+    # With an entrypoint: `module:function` called as fn(model, batch, seq_len) once per
+    # micro-batch inside the simulation, returning the forward's keyword arguments besides the
+    # tokens (torchtitan's positions and attention masks: simdist.models.titan:trainer_inputs).
+    inputs: str | None = None
 
     def overrides(self) -> dict:
         """The shape overrides: every key that is not a schema field."""
         return dict(self.model_extra or {})
 
-    @field_validator("entrypoint")
+    @field_validator("entrypoint", "inputs")
     @classmethod
     def _entrypoint_form(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[\w.]+:[\w.]+", v):
@@ -140,6 +144,9 @@ class ModelConfig(BaseModel):
             self.preset = _DEFAULT_PRESET
         elif len(given) > 1:
             raise ValueError(f"set exactly one of preset, hf, entrypoint; got {' and '.join(given)}")
+        if self.inputs is not None and self.entrypoint is None:
+            raise ConfigError("model.inputs", "applies to model.entrypoint only (presets and hf "
+                                              "models take the tokens alone)")
         if self.blocks is not None and self.entrypoint is None:
             raise ConfigError("model.blocks", "applies to model.entrypoint only (presets and hf "
                                               "models know their blocks)")

@@ -84,6 +84,7 @@ class ModelSpec:
     entrypoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     blocks: str | None = None  # entrypoints: path of the block container (default `layers`)
+    inputs: str | None = None  # entrypoints: `module:function` giving the forward's kwargs
 
     @property
     def n_layers(self) -> int | None:
@@ -169,16 +170,29 @@ def hf_spec(hf: dict, *, attention: str = "flash") -> ModelSpec:
         raise ModelError(e.key, str(e)) from None
 
 
-def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any],
-                    blocks: str | None = None) -> ModelSpec:
-    module, _, fn = entrypoint.partition(":")
+def _import_function(key: str, name: str) -> Callable[..., Any]:
+    module, _, fn = name.partition(":")
     if not module or not fn:
-        raise ModelError("model.entrypoint", f"expected 'package.module:function', got {entrypoint!r}")
+        raise ModelError(key, f"expected 'package.module:function', got {name!r}")
     try:
-        getattr(importlib.import_module(module), fn)
+        return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise ModelError("model.entrypoint", f"cannot import {entrypoint!r}: {e}") from None
-    return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs), blocks=blocks)
+        raise ModelError(key, f"cannot import {name!r}: {e}") from None
+
+
+def entrypoint_spec(entrypoint: str, kwargs: dict[str, Any], blocks: str | None = None,
+                    inputs: str | None = None) -> ModelSpec:
+    _import_function("model.entrypoint", entrypoint)
+    if inputs is not None:
+        _import_function("model.inputs", inputs)
+    return ModelSpec(family="custom", entrypoint=entrypoint, kwargs=dict(kwargs), blocks=blocks,
+                     inputs=inputs)
+
+
+def forward_inputs(spec: ModelSpec) -> Callable[..., dict[str, Any]] | None:
+    """The model's `model.inputs` function, (model, batch, seq_len) -> the forward's keyword
+    arguments besides the tokens; None where the model takes the tokens alone."""
+    return _import_function("model.inputs", spec.inputs) if spec.inputs else None
 
 
 _NORMALS = (torch.nn.init.normal_, torch.Tensor.normal_)

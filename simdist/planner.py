@@ -55,9 +55,9 @@ def resolve_spec(cfg: SimdistConfig) -> ModelSpec:
             where = "model.hf" if m.hf is not None else "model.kwargs"
             raise ModelError(f"model.{key}", f"shape fields go inside {where} with "
                                              f"{'model.hf' if m.hf is not None else 'an entrypoint'}"
-                                             f"; allowed next to it: {'blocks, kwargs' if m.entrypoint else 'nothing'}")
+                                             f"; allowed next to it: {'blocks, inputs, kwargs' if m.entrypoint else 'nothing'}")
         if m.entrypoint:
-            return entrypoint_spec(m.entrypoint, m.kwargs, m.blocks)
+            return entrypoint_spec(m.entrypoint, m.kwargs, m.blocks, m.inputs)
         if m.hf is not None:
             return hf_spec(m.hf, attention=cfg.training.attention)
         return resolve_model(m.preset, m.overrides(), seq_len=cfg.training.seq_len,

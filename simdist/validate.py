@@ -14,6 +14,10 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         _check_hf(cfg, spec)
     if spec.entrypoint:
         _check_blocks(spec)
+    if spec.inputs and (par.pp > 1 or par.cp > 1):
+        raise ConfigError("model.inputs", "the forward's extra inputs are passed without "
+                                          "pipeline or context parallelism; allowed with pp=1, "
+                                          "cp=1")
     if tp > 1 and not spec.registration.tensor_parallel:
         with_tp = [f.name for f in FAMILIES.values() if f.tensor_parallel]
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "

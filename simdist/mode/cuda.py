@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from simdist.mode.flex_attention import flex_semantics
 from simdist.mode.memory import is_dtensor_dispatch, local_tensor
 
 aten = torch.ops.aten
@@ -164,7 +165,7 @@ def cuda_semantics(ctx: Any = None) -> Iterator[None]:
     try:
         for name, fn in _KERNELS.items():
             lib.impl(name, fn, "AutogradCPU")
-        with _FakeDispatch(ctx):
+        with flex_semantics(), _FakeDispatch(ctx):
             yield
     finally:
         lib._destroy()

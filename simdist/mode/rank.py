@@ -15,7 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from simdist.config import torch_dtype
-from simdist.families import build_model
+from simdist.families import build_model, forward_inputs
 from simdist.mode.context import StepContext
 from simdist.mode.layer_memo import rank_blocks
 from simdist.mode.pipeline import run_pipeline_step
@@ -119,6 +119,7 @@ def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
                               loss_parallel=plan.loss_parallel,
                               grad_sync=grad_sync_rule(training.grad_sync, par.dp_replicate,
                                                        par.dp_shard, par.zero_stage),
+                              forward_inputs=forward_inputs(task.model),
                               step_context=(partial(context_parallel, mesh["cp"],
                                                     family.attention_modules) if cp > 1
                                             else contextlib.nullcontext), **common)

@@ -189,11 +189,14 @@ def run_step(
     step_context: Callable[[], Any] = contextlib.nullcontext,
     grad_sync: GradSync = PER_MICROBATCH,
     memory_only: bool = False,
+    forward_inputs: Callable[..., dict[str, Any]] | None = None,
 ) -> dict:
     """One step without pipelining: a gradient-accumulation loop, with FSDP2's gradient sync
     set before each micro-batch as `grad_sync` says. `step_context` wraps the forwards and
     backwards (context parallelism; then `seq_len` is the local length). `memory_only`: see
-    record_step."""
+    record_step. `forward_inputs(model, batch, seq_len)`: the forward's keyword arguments
+    besides the tokens (an entrypoint's `model.inputs`), made per micro-batch as a trainer's
+    data preparation, outside the record."""
     weights = microbatch_weights(num_microbatches, all_microbatches, grad_sync.last_differs)
     executed = len(weights)
 
@@ -211,10 +214,12 @@ def run_step(
                 with ctx.in_phase("fwd", weight), mem.saved_tensors_hooks():
                     tokens = torch.randint(0, vocab_size, (batch, seq_len))
                     labels = torch.randint(0, vocab_size, (batch, seq_len))
-                    loss = loss_fn(model, model(tokens), labels)
+                    with ctx.exclude():
+                        extra = forward_inputs(model, batch, seq_len) if forward_inputs else {}
+                    loss = loss_fn(model, model(tokens, **extra), labels)
                 with ctx.in_phase("bwd", weight):
                     loss.backward()
-            del loss, tokens, labels
+            del loss, tokens, labels, extra
         return executed
 
     return record_step(list(model.buffers()), optimizer, fake_mode, ctx, group_dims, microbatches,
