@@ -8,7 +8,8 @@ A row aggregates ``count`` identical launches: one launch is timed, then multipl
   orientation (the better one, as cuBLAS' heuristics choose), K split over idle SMs when the
   output has fewer tiles than SMs (split-K). The roofline max with
   ``bytes / (hbm_bw * hbm_fraction)`` makes small GEMMs memory-bound.
-* attention_fwd / attention_bwd (flash, memory-efficient, cuDNN SDPA kernels):
+* attention_fwd / attention_bwd (flash, memory-efficient, cuDNN SDPA kernels, FlexAttention's
+  Triton kernels as simdist records them, mode/flex_attention.py):
   ``flops / (peak * attn_{fwd,bwd}_efficiency)``, same roofline.
 * pointwise and memory (norms, softmax, reductions, copies, cat, embedding, anything not
   known): ``bytes / (hbm_bw * hbm_fraction)`` (or the fp32 vector peak if FLOP-bound).
@@ -59,7 +60,7 @@ _GEMM = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_mm", "linear", "mat
 _ATTN = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
          "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
          "_flash_attention_forward", "_efficient_attention_forward",
-         "_scaled_dot_product_flash_attention_for_cpu"}
+         "_scaled_dot_product_flash_attention_for_cpu", "flex_attention"}
 _ATTN_BWD = {a.removesuffix("_forward") + "_backward" for a in _ATTN}
 _POINTWISE = {
     "add", "sub", "mul", "div", "neg", "abs", "exp", "log", "pow", "sqrt", "rsqrt", "reciprocal",

@@ -165,7 +165,10 @@ def cuda_semantics(ctx: Any = None) -> Iterator[None]:
     try:
         for name, fn in _KERNELS.items():
             lib.impl(name, fn, "AutogradCPU")
-        with flex_semantics(), _FakeDispatch(ctx):
+        # torch.compile regions (torchtitan compiles flex_attention and create_block_mask) run
+        # eagerly: the recorders see every op (the cost model's `compile` prices fusion), and
+        # dynamo refuses to trace under the recording modes.
+        with torch.compiler.set_stance("force_eager"), flex_semantics(), _FakeDispatch(ctx):
             yield
     finally:
         lib._destroy()

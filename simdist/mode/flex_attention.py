@@ -116,6 +116,8 @@ def attended_area(block_mask: tuple, q_shape: torch.Size, kv_len: int) -> int:
     tensors are fake. `block_mask`: BlockMask.as_tuple()."""
     (q_len, _kv_len, kv_num, kv_idx, full_num, full_idx, *_rest) = block_mask
     q_block, kv_block = _rest[-3], _rest[-2]
+    if (q_block, kv_block) == (flex_api._LARGE_SPARSE_BLOCK_SIZE,) * 2:
+        return DENSE  # no block_mask given: flex_attention's one all-attending block
     tensors = [t for t in (kv_num, kv_idx, full_num, full_idx) if t is not None]
     if any(_fake(t) for t in tensors):
         warnings.warn("flex_attention: the BlockMask was built on fake tensors, so its "
