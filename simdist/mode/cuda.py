@@ -39,18 +39,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simdist.mode.flex_attention import flex_semantics
-from simdist.mode.memory import is_dtensor_dispatch, local_tensor
+from simdist.mode.memory import is_dtensor_dispatch, is_fake
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _fake(t: Any) -> bool:
-    return isinstance(local_tensor(t), FakeTensor) if isinstance(t, torch.Tensor) else False
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -72,7 +67,7 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | Non
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,  # noqa: ANN001, ANN202
           scale=None, enable_gqa=False):
-    if not _fake(query):
+    if not is_fake(query):
         return aten.scaled_dot_product_attention.default.decompose(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     backend = sdpa_backend(query, key, attn_mask, is_causal, enable_gqa)
@@ -103,7 +98,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
 def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: ANN001, ANN202
     from simdist.models.kernels import _fused_rms_norm as simdist_rms_norm
 
-    if not _fake(input) or weight is None or len(normalized_shape) != 1:
+    if not is_fake(input) or weight is None or len(normalized_shape) != 1:
         return aten._fused_rms_norm.default.decompose(input, normalized_shape, weight, eps)
     if eps is None:  # the CUDA kernel's default: epsilon of the accumulate type
         eps = torch.finfo(torch.float32).eps
@@ -111,7 +106,7 @@ def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: AN
 
 
 def _dropout(input, p, train):  # noqa: ANN001, ANN202
-    if _fake(input) and train and 0 < p < 1 and input.numel() > 0:
+    if is_fake(input) and train and 0 < p < 1 and input.numel() > 0:
         return aten.native_dropout(input, p, train)[0]  # CUDA's is_fused_kernel_acceptable
     return aten.dropout.default.decompose(input, p, train)
 

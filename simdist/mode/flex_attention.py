@@ -38,20 +38,15 @@ import torch
 import torch.nn.attention.flex_attention as flex_api
 from torch._C import DispatchKey
 from torch._higher_order_ops.flex_attention import _permute_strides, flex_attention as flex_hop
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
-from simdist.mode.memory import local_tensor
+from simdist.mode.memory import is_fake
 
 __all__ = ["flex_semantics", "attended_area", "DENSE"]
 
 # `attended` when the mask's values are unknown (a mask on fake tensors): count the dense area.
 DENSE = -1
-
-
-def _fake(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and isinstance(local_tensor(t), FakeTensor)
 
 
 # --- the kernels: what the Triton kernels allocate ---------------------------------------------
@@ -114,12 +109,12 @@ def attended_area(block_mask: tuple, q_shape: torch.Size, kv_len: int) -> int:
     """(query, key) entries the kernel computes, summed over batch and query heads: every block
     `kv_indices` lists (partial and full), clipped at the sequence ends; DENSE where the mask's
     tensors are fake. `block_mask`: BlockMask.as_tuple()."""
-    (q_len, _kv_len, kv_num, kv_idx, full_num, full_idx, *_rest) = block_mask
+    _q_len, _kv_len, kv_num, kv_idx, full_num, full_idx, *_rest = block_mask
     q_block, kv_block = _rest[-3], _rest[-2]
     if (q_block, kv_block) == (flex_api._LARGE_SPARSE_BLOCK_SIZE,) * 2:
         return DENSE  # no block_mask given: flex_attention's one all-attending block
     tensors = [t for t in (kv_num, kv_idx, full_num, full_idx) if t is not None]
-    if any(_fake(t) for t in tensors):
+    if any(is_fake(t) for t in tensors):
         warnings.warn("flex_attention: the BlockMask was built on fake tensors, so its "
                       "sparsity is unknown; FLOPs count the dense area (an upper bound)",
                       stacklevel=3)
@@ -170,7 +165,7 @@ def _autograd_kernel(original: Any) -> Any:
     def flex_attention_autograd(query, key, value, score_mod, block_mask, scale,  # noqa: ANN001, ANN202
                                 kernel_options, score_mod_other_buffers=(),
                                 mask_mod_other_buffers=()):
-        if not _fake(query):
+        if not is_fake(query):
             return original(query, key, value, score_mod, block_mask, scale, kernel_options,
                             score_mod_other_buffers, mask_mod_other_buffers)
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in score_mod_other_buffers):
@@ -184,7 +179,7 @@ def _autograd_kernel(original: Any) -> Any:
 
 def _validate_device_cuda(original: Any) -> Any:
     def validate_device(query, key, value):  # noqa: ANN001, ANN202
-        if _fake(query):
+        if is_fake(query):
             return None  # a fake tensor stands for a CUDA one, where backward is supported
         return original(query, key, value)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
@@ -24,6 +25,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage holds the bytes (a DTensor's local shard)."""
     inner = getattr(t, "_local_tensor", None)
     return inner if inner is not None else t
+
+
+def is_fake(t: Any) -> bool:
+    """Whether `t` is a fake tensor (or a DTensor over one): what a CUDA tensor stands as here."""
+    return isinstance(t, torch.Tensor) and isinstance(local_tensor(t), FakeTensor)
 
 
 def is_dtensor_dispatch(types: Any) -> bool:
