@@ -169,7 +169,8 @@ def merge(run: RunPlan, traces: list[RankTrace], summary: dict[str, Any],
         step_time_s=step_s,
         mfu=mfu(model_flops, world, step_s, peak_flops),
         mfu_convention="model FLOPs = 3 x the executed forward FLOPs (no recompute; attention "
-                       "as torch's flash formula counts it, causal mask not discounted)",
+                       "as torch's flash formula counts it, causal mask not discounted; "
+                       "flex_attention: the blocks its mask lists)",
         mfu_torchtitan=(mfu(per_token["torchtitan"] * tokens, world, step_s, peak_flops)
                         if "torchtitan" in per_token else None),
         mfu_palm=(mfu(per_token["palm"] * tokens, world, step_s, peak_flops)

@@ -123,7 +123,6 @@ def test_model_inputs_only_with_an_entrypoint():
     assert info.value.key == "model.inputs"
 
 
-@pytest.mark.slow
 def test_torchtitan_llama3_8b_against_the_preset():
     """torchtitan's Llama 3 8B (2 of its 32 layers, seq 256, FSDP over 2) against simdist's
     llama3-8b preset of the same shape. Equal: parameters, gradients, every non-attention
