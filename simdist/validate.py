@@ -13,7 +13,7 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
     if spec.family == "hf":
         _check_hf(cfg, spec)
     if spec.entrypoint:
-        _check_blocks(spec)
+        _check_blocks(spec, cfg.training.activation_checkpointing)
     if spec.inputs and (par.pp > 1 or par.cp > 1):
         raise ConfigError("model.inputs", "the forward's extra inputs are passed without "
                                           "pipeline or context parallelism; allowed with pp=1, "
@@ -127,12 +127,19 @@ def _check_hf(cfg: SimdistConfig, spec: ModelSpec) -> None:
                                              "weights); allowed: tp=1")
 
 
-def _check_blocks(spec: ModelSpec) -> None:
+def _check_blocks(spec: ModelSpec, checkpointing: str) -> None:
     from simdist.families import build_model
     from simdist.parallel.blocks import BlocksNotFound, block_container
 
+    model = build_model(spec, "meta")
     try:
-        block_container(build_model(spec, "meta"))
+        block_container(model)
     except BlocksNotFound as e:
         raise ConfigError("model.blocks", f"{spec.entrypoint}: {e}; set model.blocks to the path "
                                           "of its blocks (e.g. model.layers)") from None
+    # selective recomputes a `core_attention` method (parallel/checkpointing.py: apply_ac)
+    if checkpointing == "selective" and not any(hasattr(m, "core_attention")
+                                                for m in model.modules()):
+        raise ConfigError("training.activation_checkpointing",
+                          f"selective recomputes a block's `core_attention`, which "
+                          f"{spec.entrypoint}'s model does not have; allowed: none, full, op")

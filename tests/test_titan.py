@@ -123,6 +123,16 @@ def test_model_inputs_only_with_an_entrypoint():
     assert info.value.key == "model.inputs"
 
 
+def test_entrypoint_without_core_attention_refuses_selective_checkpointing():
+    """Selective checkpointing recomputes a `core_attention` method: a model without one is a
+    config error before simulating, not a ValueError from inside a rank."""
+    cfg = {"model": {"entrypoint": "plain_llama:plain_llama", "kwargs": {"max_seq_len": 128}},
+           "training": {"seq_len": 128, "activation_checkpointing": "selective"}}
+    with pytest.raises(ConfigError) as info:
+        plan_run(load_config(cfg, trust_code=True), use_cache=False)
+    assert info.value.key == "training.activation_checkpointing"
+
+
 def test_torchtitan_llama3_8b_against_the_preset():
     """torchtitan's Llama 3 8B (2 of its 32 layers, seq 256, FSDP over 2) against simdist's
     llama3-8b preset of the same shape. Equal: parameters, gradients, every non-attention
