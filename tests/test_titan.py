@@ -27,15 +27,23 @@ def _causal(b, h, q, kv):  # noqa: ANN001, ANN202
     return q >= kv
 
 
-def _flex_step(block_mask) -> tuple[dict, list]:  # noqa: ANN001
+def _flex_step(block_mask, saved: list | None = None) -> tuple[dict, list]:  # noqa: ANN001
     """flex_attention forward and backward on fake bf16 cpu tensors under cuda_semantics:
-    (FLOPs by op, the recorded outputs' (shape, dtype) of the two kernels)."""
+    (FLOPs by op, the (shape, dtype) of the output and the three gradients); `saved` gets the
+    (shape, dtype) of each tensor the forward keeps for backward."""
     outputs = []
+    saved = [] if saved is None else saved
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_semantics():
         q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         with FlopCounterMode(display=False) as counter:
-            out = flex_attention(q, k, v, block_mask=block_mask)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = flex_attention(q, k, v, block_mask=block_mask)
             outputs.append((tuple(out.shape), out.dtype))
             out.sum().backward()
             outputs += [(tuple(t.grad.shape), t.grad.dtype) for t in (q, k, v)]
@@ -45,17 +53,23 @@ def _flex_step(block_mask) -> tuple[dict, list]:  # noqa: ANN001
 
 def test_flex_attention_runs_with_backward_and_counts_the_listed_blocks():
     """A CPU build refuses flex_attention's backward; under cuda_semantics fake tensors run it
-    as the CUDA kernels do. FLOPs against the formulas, with d = head dim:
+    as the CUDA kernels do: output and gradients in the inputs' dtype, the forward keeping what
+    the backward kernel reads. FLOPs against the formulas, with d = head dim:
     - no mask (dense): forward 4*B*H*S^2*d (Q K^T and P V, 2 FLOPs per multiply-add), backward
       10*B*H*S^2*d (five S x S x d matmuls: Q K^T again, dO V^T, P^T dO, dS K, dS^T Q), torch's
       SDPA formulas (utils/flop_counter.py);
     - causal mask built from real tensors: n = S/128 query blocks, block i lists i+1 key blocks,
       n(n+1)/2 blocks of 128 x 128 entries in all, each computed in full (partial blocks are
       masked inside the kernel), so the dense figures times n(n+1)/2 / n^2."""
-    dense, outputs = _flex_step(None)
+    saved: list = []
+    dense, outputs = _flex_step(None, saved)
     assert dense["simdist.flex_attention"] == 4 * B * H * S * S * D
     assert dense["simdist.flex_attention_backward"] == 10 * B * H * S * S * D
     assert outputs == [((B, H, S, D), torch.bfloat16)] + [((B, H, S, D), torch.bfloat16)] * 3
+    # kept for backward, as the compiled CUDA kernels keep them: q, k, v, out and the fp32
+    # logsumexp (not the fp32 max_scores, which the backward kernel does not read)
+    assert sorted(saved, key=str) == sorted([((B, H, S, D), torch.bfloat16)] * 4
+                                            + [((B, H, S), torch.float32)], key=str)
     mask = create_block_mask(_causal, None, None, S, S, device="cpu", BLOCK_SIZE=BLOCK)
     causal, _ = _flex_step(mask)
     n = S // BLOCK
@@ -168,3 +182,32 @@ def test_torchtitan_llama3_8b_against_the_preset():
     positions = 1 * seq * 8
     assert tr.other_bytes - pre.other_bytes == rope + positions
     assert tr.peak_bytes - pre.peak_bytes == rope + positions - 4 * fewer_tensors
+
+
+@pytest.mark.slow
+def test_torchtitan_llama3_through_simdist_run(tmp_path, capsys):
+    """`simdist run --trust-code` with torchtitan's Llama 3 (debug flavour, its 6 layers, FSDP
+    over one 8-GPU node) on Ray actors: exit 0, a plan that fits, flex kernels in every
+    layer's attention, forward and backward."""
+    pytest.importorskip("torchtitan")
+    import json
+
+    import pyarrow.parquet as pq
+
+    from simdist.cli import main
+
+    cfg = tmp_path / "titan.yaml"
+    cfg.write_text("model:\n  entrypoint: simdist.models.titan:build\n"
+                   "  kwargs: {flavor: debugmodel}\n"
+                   "  inputs: simdist.models.titan:trainer_inputs\n"
+                   "training: {seq_len: 512, micro_batch: 1, dtype: bf16}\n"
+                   "parallel: {dp_shard: -1}\n"
+                   "cluster: {gpu: h100-sxm, gpus_per_node: 8, nodes: 1}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--trust-code", "--out", str(out), "--quiet"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert json.loads((out / "plan.json").read_text())["fits"] is True
+    rows = pq.read_table(out / "ops.parquet").to_pylist()
+    flex = {(r["op"], r["module"]) for r in rows if r["op"].startswith("simdist.flex_attention")}
+    assert flex == {(op, f"layers.{i}.attention.inner_attention") for i in range(6)
+                    for op in ("simdist.flex_attention", "simdist.flex_attention_backward")}

@@ -6,8 +6,10 @@ dense math reference (S x S score matrices). On CUDA torch.compile lowers it to 
 kernel per direction (torch/_inductor/kernel/flex/flex_attention.py), which allocates:
 
 - forward: `out` in the query's dtype with the query's stride order, `logsumexp` and
-  `max_scores` in fp32 (B, Hq, Lq); the autograd function saves q, k, v, out, logsumexp,
-  max_scores (torch/_higher_order_ops/flex_attention.py: FlexAttentionAutogradOp);
+  `max_scores` in fp32 (B, Hq, Lq); for backward q, k, v, out and logsumexp are kept, what the
+  backward kernel reads (torch's eager autograd function, FlexAttentionAutogradOp, saves
+  max_scores too, but compiled, as torchtitan runs it, AOT autograd's partitioner keeps only
+  what the backward graph uses, and max_scores dies with the forward unless asked for);
 - backward: `delta` = rowsum(out * grad_out) in fp32 (B, Hq, Lq), then grad_query,
   grad_key and grad_value (B, Hkv, Lkv, d), with the strides of q, k and v.
 
@@ -149,12 +151,12 @@ class _FlexAttentionCUDA(torch.autograd.Function):
         out, lse, max_scores = torch.ops.simdist.flex_attention(q, k, v, attended)
         ctx.attended = attended
         ctx.mark_non_differentiable(max_scores)
-        ctx.save_for_backward(q, k, v, out, lse, max_scores)
+        ctx.save_for_backward(q, k, v, out, lse)
         return out, lse, max_scores
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any, _grad_max: Any):  # noqa: ANN205
-        q, k, v, out, lse, _ = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv, delta = torch.ops.simdist.flex_attention_backward(
             q, k, v, out, lse, grad_out, ctx.attended)
         del delta
