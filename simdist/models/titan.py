@@ -51,6 +51,11 @@ _MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _masks(model: nn.Module, batch: int, seq_len: int) -> Any:
+    if not (type(batch) is int and type(seq_len) is int):
+        # a symbolic size (simdist fit): the mask as the fake step's data, of symbolic shape
+        # (no values: flex counts dense FLOPs, which that run does not record anyway)
+        with torch.compiler.set_stance("force_eager"):
+            return model.get_attention_masks(torch.arange(seq_len).expand(batch, seq_len))
     per_model = _MASKS.setdefault(model, {})
     if (batch, seq_len) not in per_model:
         with _disable_current_modes(), torch.compiler.set_stance("force_eager"):
