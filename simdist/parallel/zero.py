@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from simdist.parallel.blocks import block_items
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -124,11 +126,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             local.copy_(full[: local.numel()].view_as(local))
 
     def _register_gather_hooks(self, model: nn.Module) -> None:
+        """A forward pre-hook per block (and one per stage root for the parameters outside the
+        blocks), on the module the model holds: outside any checkpointed region, so a
+        recompute neither repeats nor misses the all-gathers (Megatron: one per bucket)."""
         index = {id(p): i for i, p in enumerate(self.model_params)}
-        for module in model.modules():
-            owned = [index[id(p)] for p in module.parameters(recurse=False) if id(p) in index]
+        roots = list(model) if isinstance(model, nn.ModuleList) else [model]
+        units = roots + [block for root in roots for _, block in block_items(root)]
+        owner: dict[int, nn.Module] = {}
+        for unit in units:  # outer first: a block's parameters end up with the block
+            for q in unit.parameters():
+                if id(q) in index:
+                    owner[index[id(q)]] = unit
+        for unit in units:
+            owned = sorted(i for i, u in owner.items() if u is unit)
             if owned:
-                module.register_forward_pre_hook(self._make_gather_hook(owned))
+                unit.register_forward_pre_hook(self._make_gather_hook(owned))
         self._pending_gather = set(range(len(self.model_params)))
 
     def _make_gather_hook(self, owned: list[int]) -> Any:
