@@ -209,6 +209,10 @@ class ParallelConfig(BaseModel):
     cp: Degree = 1
     ep: Degree = 1
     zero_stage: Literal[1, 2, 3] = 3
+    # Megatron-LM's distributed optimizer flags (off there by default): ZeRO-1's reduce-scatter
+    # in the last micro-batch's backward; ZeRO-1/2's parameter all-gather in the next forward.
+    zero_overlap_grad_reduce: bool = False
+    zero_overlap_param_gather: bool = False
 
     @field_validator("dp_shard")
     @classmethod
@@ -425,6 +429,18 @@ def _check_grad_sync(cfg: SimdistConfig) -> None:
             "gradients once per step (its stages turn FSDP's gradient sync off for every "
             "micro-batch and reduce after the last); allowed: auto, per_step",
         )
+    if p.zero_overlap_grad_reduce and p.zero_stage != 1:
+        raise ConfigError("parallel.zero_overlap_grad_reduce",
+                          f"is for zero_stage 1 (ZeRO-2 reduces during every backward already, "
+                          f"FSDP2 overlaps its own), not {p.zero_stage}; allowed: false")
+    if p.zero_overlap_param_gather and p.zero_stage == 3:
+        raise ConfigError("parallel.zero_overlap_param_gather",
+                          "is for zero_stage 1 or 2 (FSDP2 prefetches its own all-gathers); "
+                          "allowed: false")
+    if p.zero_overlap_grad_reduce and p.pp > 1:
+        raise ConfigError("parallel.zero_overlap_grad_reduce",
+                          "is not implemented with pp > 1 (ZeRO-1 then reduces at the optimizer "
+                          "step); allowed: false")
     own = {1: "per_step", 2: "per_microbatch"}.get(p.zero_stage)
     if own is not None and sync not in ("auto", own):
         raise ConfigError(

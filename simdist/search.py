@@ -144,8 +144,8 @@ def reject(m: ModelFacts, base: SimdistConfig, v: dict[str, Any], gpus_per_node:
         return "cp: needs pp=1, dp_replicate=1, ep=1, zero_stage=3"
     if ep > 1 and (not m.n_experts or m.n_experts % ep or shard % ep):
         return "ep: does not divide n_experts and dp_shard"
-    if zero in (1, 2) and (rep > 1 or tp > 1):
-        return "zero_stage 1/2: needs dp_replicate=1 and tp=1"
+    if zero in (1, 2) and rep > 1:
+        return "zero_stage 1/2: needs dp_replicate=1"
     dp = rep * shard
     if gb % (dp * mb):
         return "global_batch: not a multiple of dp x micro_batch"

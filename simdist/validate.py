@@ -23,11 +23,11 @@ def check_plan(cfg: SimdistConfig, spec: ModelSpec) -> None:
         raise ConfigError("parallel.tp", f"tensor parallelism is implemented for "
                                          f"{', '.join(with_tp)} models, not {spec.family}; "
                                          "allowed: tp=1")
-    if par.zero_stage in (1, 2) and (par.dp_replicate > 1 or tp > 1):
+    if par.zero_stage in (1, 2) and par.dp_replicate > 1:
         raise ConfigError("parallel.zero_stage", f"zero_stage {par.zero_stage} shards over dp_shard "
                                                  "with replicated bf16 parameters; allowed with "
-                                                 "dp_replicate=1 and tp=1 (use zero_stage 3 = FSDP2 "
-                                                 "for HSDP or tensor parallelism)")
+                                                 "dp_replicate=1 (use zero_stage 3 = FSDP2 for "
+                                                 "HSDP)")
     args = spec.args
     if par.ep > 1:
         n_experts = getattr(args, "n_experts", None)

@@ -82,13 +82,17 @@ def _megatron_core(size: str, layers: int, hidden: int, heads: int, tp: int, gpu
         config={"model": {"preset": "gpt", "n_layers": layers, "dim": hidden, "n_heads": heads,
                           "vocab_size": 131072},
                 "training": {"seq_len": 4096, "micro_batch": 1, "global_batch": batch,
-                             "grad_sync": "per_step", "compile": True},
-                "parallel": {"tp": tp, "dp_replicate": dp, "dp_shard": 1,
+                             "compile": True},
+                # --overlap-param-gather needs --use-distributed-optimizer: ZeRO-1 over dp
+                "parallel": {"tp": tp, "dp_shard": dp, "zero_stage": 1,
+                             "zero_overlap_grad_reduce": True, "zero_overlap_param_gather": True,
                              "sequence_parallel": tp > 1},
                 "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": gpus // 8}},
         metric="mfu_megatron", published=mfu, fully_specified=False, slow=True,
-        assumptions="unstated micro-batch 1, no recompute, DDP (the distributed optimizer's "
-                    "sharding not modelled), Transformer Engine's fused kernels as "
+        assumptions="unstated micro-batch 1, no recompute; the distributed optimizer (which "
+                    "--overlap-param-gather requires) as ZeRO-1 with both overlaps; its bf16 "
+                    "gradient reduce (not --accumulate-allreduce-grads-in-fp32); no "
+                    "--tp-comm-overlap; Transformer Engine's fused kernels as "
                     "training.compile, flash attention, sequence parallel with TP",
         extra={"layers": layers, "hidden": hidden, "vocab": 131072, "seq": 4096})
 

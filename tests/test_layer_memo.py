@@ -89,6 +89,14 @@ def test_small_zero1_equals_full_execution() -> None:
     assert_same(spec("llama3-debug", n_layers=5), dp_shard=2, zero_stage=1)
 
 
+def test_small_zero1_tp_with_megatron_overlap_equals_full_execution() -> None:
+    # the reduce-scatters in the last micro-batch's backward, the all-gathers in the first
+    # forward: first, middle and last micro-batch differ
+    assert_same(spec("llama3-debug", n_layers=5), tp=2, dp_shard=2, zero_stage=1,
+                zero_overlap_grad_reduce=True, zero_overlap_param_gather=True,
+                num_microbatches=4)
+
+
 def test_small_memo_fallback_still_answers_exactly() -> None:
     # (see test_memo_reports_fallback_and_still_answers_exactly)
     model = spec("llama3-debug", n_layers=20, seq_len=64)

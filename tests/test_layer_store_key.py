@@ -34,6 +34,9 @@ def test_layer_store_key_sensitivity(tmp_path, monkeypatch) -> None:
                    optimizer="sgd", grad_sync="per_step", tp=1, dp_shard=4, dp_replicate=2,
                    sequence_parallel=False, zero_stage=1, num_microbatches=3)
     keys = {name: _key(model, tmp_path, **{name: value}) for name, value in changed.items()}
+    # Megatron's distributed-optimizer flags (ZeRO-1 only)
+    for flag in ("zero_overlap_grad_reduce", "zero_overlap_param_gather"):
+        keys[flag] = _key(model, tmp_path, zero_stage=1, **{flag: True})
     for name, key in keys.items():
         assert key != base, f"{name} does not change the layer store key"
     assert len(set(keys.values())) == len(keys)  # and no two changes collide

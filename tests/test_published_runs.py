@@ -28,9 +28,10 @@ def _check(row) -> float:  # noqa: ANN001
 @pytest.mark.parametrize("row", [r for r in ROWS if r.name in DEFAULT], ids=lambda r: r.name)
 def test_published_run_default(row):
     err = _check(row)
-    # The bar is 10% per fully specified row; the torchtitan rows miss it today (the
-    # model is 12-18% optimistic there, benchmarks/README.md), so they are guarded at 20%.
-    bound = 0.10 if row.name.startswith("Narayanan") else 0.20
+    # The bar is 10% per fully specified row; the torchtitan 70B row misses it today
+    # (the model is 5-11% optimistic on the torchtitan rows, benchmarks/README.md), so they are
+    # guarded at 15%.
+    bound = 0.10 if row.name.startswith("Narayanan") else 0.15
     assert abs(err) <= bound
 
 
@@ -48,8 +49,8 @@ def test_gpt_7_5b_ddp_reduces_once_per_step_and_reaches_published_throughput():
 @pytest.mark.parametrize("row", [r for r in ROWS if r.name not in DEFAULT], ids=lambda r: r.name)
 def test_published_run_slow(row):
     # Regression guards: 25% for the fully specified rows; the partly specified ones (their
-    # unstated fields assumed, tests/published_runs.py) are guarded at 50% (see
-    # benchmarks/README.md for why the large Megatron-Core rows miss).
+    # unstated fields assumed, tests/published_runs.py) are guarded at 50% (benchmarks/README.md
+    # has every row's error).
     assert abs(_check(row)) <= (0.25 if row.fully_specified else 0.50)
 
 

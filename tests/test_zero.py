@@ -61,3 +61,54 @@ def test_zero2_reduce_scatters_gradients_as_they_are_produced():
     # both all-gather the updated bf16 parameters after the step
     assert phases(z1, "all_gather") == phases(z2, "all_gather") == {"optim"}
     assert z2.peak_bytes < z1.peak_bytes
+
+
+# --- under tensor parallelism (Megatron-LM's distributed optimizer) -------------------------
+
+def test_zero_with_tp_holds_the_tp_shards_and_matches_fsdp2s_optimizer_state():
+    # A second execution path for the same bytes: FSDP2 (zero_stage 3) over the same tp x dp
+    # keeps fp32 parameters and two fp32 moments sharded over dp of the TP-local tensors, ZeRO-1
+    # keeps the fp32 master and the two moments: 12 bytes per TP-local element / N either way
+    # (every llama3-debug tensor divides by tp x dp = 4, so neither pads), plus one fp32 step
+    # counter per tensor for ZeRO's inner AdamW (FSDP2's counters are in its optimizer too).
+    model = spec("llama3-debug")
+    local = sum(p.numel() for p in build_model(model, "meta").parameters()) // 2  # tp halves all
+    z1 = run_rank(model, tp=2, dp_shard=2, zero_stage=1, num_microbatches=2)
+    fsdp = run_rank(model, tp=2, dp_shard=2, zero_stage=3, num_microbatches=2)
+    assert z1.optimizer_bytes == fsdp.optimizer_bytes + fsdp.param_bytes
+    assert z1.param_bytes == 2 * local + 2 * _replicated_elements(model)
+
+
+def _replicated_elements(model) -> int:  # noqa: ANN001
+    # norm weights are replicated over TP (torchtitan's plan: SequenceParallel keeps them whole)
+    return sum(p.numel() for n, p in build_model(model, "meta").named_parameters()
+               if "norm" in n) // 2
+
+
+def test_zero1_overlap_moves_the_reductions_not_the_bytes():
+    model = spec("llama3-debug")
+    kw = dict(tp=2, dp_shard=2, zero_stage=1, num_microbatches=3)
+    plain = run_rank(model, **kw)
+    over = run_rank(model, zero_overlap_grad_reduce=True, zero_overlap_param_gather=True, **kw)
+
+    def by(tr, kind):  # noqa: ANN001, ANN202
+        rows = [r for r in tr.collectives.to_pylist()
+                if r["kind"] == kind and r["mesh_dim"] == "dp_shard"]
+        return {r["phase"] for r in rows}, sum(r["count"] * r["bytes"] for r in rows)
+
+    # Megatron: without the flags both run at the optimizer step; with them the reduce-scatter
+    # runs in the last micro-batch's backward and the all-gather in the (next) first forward
+    assert by(plain, "reduce_scatter")[0] == by(plain, "all_gather")[0] == {"optim"}
+    assert by(over, "reduce_scatter")[0] == {"bwd"}
+    assert by(over, "all_gather")[0] == {"fwd"}
+    assert by(over, "reduce_scatter")[1] == by(plain, "reduce_scatter")[1]
+    assert by(over, "all_gather")[1] == by(plain, "all_gather")[1]
+    # in place (NCCL's in-place reduce-scatter / all-gather): the same model states. (Under TP
+    # the plain run holds DTensor's whole embedding gradient and the norms' Partial ones until
+    # the step, where the overlapped run has reduced them in backward: compared without TP.)
+    plain1 = run_rank(model, dp_shard=4, zero_stage=1, num_microbatches=3)
+    over1 = run_rank(model, dp_shard=4, zero_stage=1, num_microbatches=3,
+                     zero_overlap_grad_reduce=True, zero_overlap_param_gather=True)
+    for f in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+        assert getattr(over1, f) == getattr(plain1, f), f
+    assert over.grad_bytes == over.param_bytes  # bf16 gradients of the TP-local tensors

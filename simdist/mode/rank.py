@@ -97,8 +97,11 @@ def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
         fake_mode.allow_non_fake_inputs = False
         with fake_mode, ctx.exclude():
             if par.zero_stage in (1, 2):
-                optimizer = ZeroOptimizer([p for p in model.parameters() if p.requires_grad],
-                                          mesh["dp_shard"].get_group(), par.zero_stage)
+                optimizer = ZeroOptimizer(
+                    [p for p in model.parameters() if p.requires_grad],
+                    mesh["dp_shard"].get_group(), par.zero_stage,
+                    overlap_grad_reduce=par.zero_overlap_grad_reduce,
+                    overlap_param_gather=par.zero_overlap_param_gather, model=model)
             else:
                 optimizer = make_optimizer(model, training.optimizer)
             init_optimizer_state(model, optimizer)
@@ -118,7 +121,8 @@ def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
                               all_microbatches=task.all_microbatches,
                               loss_parallel=plan.loss_parallel,
                               grad_sync=grad_sync_rule(training.grad_sync, par.dp_replicate,
-                                                       par.dp_shard, par.zero_stage),
+                                                       par.dp_shard, par.zero_stage,
+                                                       par.zero_overlap_grad_reduce),
                               forward_inputs=forward_inputs(task.model),
                               step_context=(partial(context_parallel, mesh["cp"],
                                                     family.attention_modules) if cp > 1

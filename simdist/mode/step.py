@@ -207,6 +207,8 @@ def run_step(
     def _accumulate(mem: MemoryTracker) -> int:
         for i, weight in enumerate(weights):
             grad_sync.before_microbatch(model, last=i == executed - 1)
+            if hasattr(optimizer, "before_microbatch"):  # ZeRO-1/2 (parallel/zero.py)
+                optimizer.before_microbatch(last=i == executed - 1)
             # Vocab-sharded logits (tensor parallel): cross-entropy and its backward run on the
             # shards, as torchtitan does with `loss_parallel`.
             lp = loss_parallel_ctx() if loss_parallel else contextlib.nullcontext()

@@ -95,7 +95,7 @@ def execute_symbolic(task: RankTask, dim: SymbolicDim) -> SymbolicTrace:
         span = (task.num_microbatches, task.num_microbatches)
     else:
         sync = grad_sync_rule(training.grad_sync, par.dp_replicate, par.dp_shard,
-                              par.zero_stage)
+                              par.zero_stage, par.zero_overlap_grad_reduce)
         span = microbatch_span(task.num_microbatches, task.all_microbatches, sync.last_differs)
     return SymbolicTrace(rank=task.rank, dim=dim, memory=memory,
                          scalars={key: expr(v) for key, v in streams.scalars.items()},

@@ -80,7 +80,8 @@ class GradSync:
 PER_STEP, PER_MICROBATCH = GradSync(False, False), GradSync(True, True)
 
 
-def grad_sync_rule(grad_sync: str, dp_replicate: int, dp_shard: int, zero_stage: int) -> GradSync:
+def grad_sync_rule(grad_sync: str, dp_replicate: int, dp_shard: int, zero_stage: int,
+                   zero_overlap_grad_reduce: bool = False) -> GradSync:
     """`training.grad_sync` for a plan without pipelining (torch.distributed.pipelining syncs
     once per step itself: `PipelineStage.backward_maybe_with_nosync` turns FSDP2's gradient sync
     off for every backward and `perform_reduce_grad` reduces after the last). `auto` does what
@@ -91,7 +92,11 @@ def grad_sync_rule(grad_sync: str, dp_replicate: int, dp_shard: int, zero_stage:
     - HSDP: the shard reduce-scatter every micro-batch as FSDP, the replicate all-reduce once
       per step (`set_requires_all_reduce(False)` until the last micro-batch);
     - ZeRO-1/2 (simdist.parallel.zero, not FSDP2): their own rule (ZeRO-1 at the optimizer
-      step, ZeRO-2 every micro-batch); the config allows only that."""
+      step, ZeRO-2 every micro-batch); the config allows only that. ZeRO-1 with
+      `zero_overlap_grad_reduce` reduces during the last micro-batch's backward, which then
+      differs from the others (the optimizer's own hooks; no FSDP2 flag to set)."""
+    if zero_stage == 1 and zero_overlap_grad_reduce:
+        return PER_STEP
     if zero_stage in (1, 2):
         return GradSync()  # no FSDP2 units: nothing to turn off
     if grad_sync == "per_microbatch":
