@@ -437,10 +437,11 @@ def _check_grad_sync(cfg: SimdistConfig) -> None:
         raise ConfigError("parallel.zero_overlap_param_gather",
                           "is for zero_stage 1 or 2 (FSDP2 prefetches its own all-gathers); "
                           "allowed: false")
-    if p.zero_overlap_grad_reduce and p.pp > 1:
-        raise ConfigError("parallel.zero_overlap_grad_reduce",
-                          "is not implemented with pp > 1 (ZeRO-1 then reduces at the optimizer "
-                          "step); allowed: false")
+    for flag in ("zero_overlap_grad_reduce", "zero_overlap_param_gather"):
+        if getattr(p, flag) and p.pp > 1:
+            raise ConfigError(f"parallel.{flag}", "is not implemented with pp > 1 (ZeRO then "
+                                                  "runs its collectives at the optimizer step); "
+                                                  "allowed: false")
     own = {1: "per_step", 2: "per_microbatch"}.get(p.zero_stage)
     if own is not None and sync not in ("auto", own):
         raise ConfigError(

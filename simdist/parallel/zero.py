@@ -7,28 +7,34 @@ express the paper's mixed-precision accounting. This optimizer is ours and follo
 - the model holds bf16 parameters, replicated over dp_shard (2 psi; under TP each rank holds its
   TP shard, a DTensor: the optimizer works on the local tensors);
 - ZeRO-1: bf16 gradients are kept whole (2 psi) and reduce-scattered once per step; ZeRO-2: each
-  gradient is reduce-scattered as soon as it is accumulated and only the local bf16 shard is
-  kept (2 psi / N);
+  gradient is reduce-scattered as soon as its bucket is complete and only the local bf16 shard
+  is kept (2 psi / N);
 - the optimizer keeps this rank's shard of an fp32 master copy, momentum and variance
   (12 psi / N), steps it with torch's AdamW, and all-gathers the updated bf16 parameters.
-Each parameter is sharded on its flattened local elements in `torch.chunk` fashion (padded to N
-equal chunks), as FSDP does per parameter.
+
+Collectives run per bucket, one bucket per block and one for a stage's parameters outside its
+blocks (as simdist's DDP reduces per FSDP2 unit). DeepSpeed and Megatron-LM bucket by size
+instead (Megatron: at least max(40M, 1M x dp) elements in backward order, across block
+boundaries); for blocks of 40M elements or more (hidden >= 2048) the two differ only in where a
+bucket ends, and a bucket per block keeps every block's events alike (the layer memo). A bucket
+is padded to N equal chunks and rank r owns chunk r of it. Its gradients are copied into one
+flat buffer for the reduce-scatter (DeepSpeed's contiguous-gradient copy), its parameters out of
+the all-gathered flat buffer.
 
 When the reductions run follows Megatron-LM's distributed optimizer (and DeepSpeed's ZeRO with
 `overlap_comm`), both off by default there as here:
-- `overlap_grad_reduce` (ZeRO-1): the reduce-scatter of a gradient runs in the backward of the
-  step's last micro-batch, as soon as it is accumulated, instead of at the optimizer step. It is
-  in place (the shard is this rank's chunk of the gradient, NCCL's in-place reduce-scatter), so
-  the memory is the same.
+- `overlap_grad_reduce` (ZeRO-1): a bucket's reduce-scatter runs in the backward of the step's
+  last micro-batch, as soon as its gradients are accumulated, instead of at the optimizer step.
 - `overlap_param_gather`: the all-gather of the updated parameters runs in the next step's
-  first forward, before each module that owns them (Megatron's forward pre-hooks): in one
-  simulated step, the all-gathers of the previous step's update sit in its first forward, and
-  the optimizer step only updates the masters.
+  first forward (Megatron's forward pre-hooks): in one simulated step, the all-gathers of the
+  previous step's update sit in its first forward, each unit's hook waiting for its own buckets
+  and issuing the next unit's; the optimizer step only updates the masters.
 A Replicate parameter whose gradient comes out Partial over TP (norm weights with sequence
 parallelism) is all-reduced over TP first, as Megatron all-reduces those gradients."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +44,15 @@ from torch.distributed.tensor import DTensor
 
 from simdist.parallel.blocks import block_items
 
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclass(frozen=True)
+class Bucket:
+    params: tuple[int, ...]  # indices into model_params, in backward order
+    numel: int  # local elements of its parameters
+    shard: int  # elements of the padded bucket per rank
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -52,15 +64,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.group, self.zero_stage = group, stage
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.model_params = list(params)
-        self.chunk = [-(-_local(p).numel() // self.world) for p in self.model_params]
-        self.masters = [torch.zeros(c, dtype=torch.float32, device=p.device)
-                        for p, c in zip(self.model_params, self.chunk)]
-        self.grad_shards: list[torch.Tensor | None] = [None] * len(self.model_params)
+        units, unit_params = self._units(model)
+        self.bucket_units: list[nn.Module] = []  # forward order
+        self.buckets: list[Bucket] = []
+        for unit, owned in zip(units, unit_params):
+            if owned:
+                n = sum(_local(self.model_params[i]).numel() for i in owned)
+                self.bucket_units.append(unit)
+                self.buckets.append(Bucket(tuple(owned), n, -(-n // self.world)))
+        self.bucket_of = {i: b for b, bk in enumerate(self.buckets) for i in bk.params}
+        dev = self.model_params[0].device if self.model_params else torch.device("cpu")
+        self.masters = [torch.zeros(bk.shard, dtype=torch.float32, device=dev)
+                        for bk in self.buckets]
+        self.grad_shards: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.inner = torch.optim.AdamW(self.masters, lr=lr, foreach=True)
         super().__init__(self.model_params, {"lr": lr})
         # ZeRO-1 with overlap: reduce in the hooks during the last micro-batch only
         self.overlap_grad_reduce = stage == 1 and overlap_grad_reduce
         self._reduce_now = stage == 2
+        self._ready = [0] * len(self.buckets)
         if stage == 2 or self.overlap_grad_reduce:
             for i, p in enumerate(self.model_params):
                 p.register_post_accumulate_grad_hook(self._make_reduce_hook(i))
@@ -69,7 +91,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if overlap_param_gather:
             if model is None:
                 raise ValueError("overlap_param_gather needs the model (its forward pre-hooks)")
-            self._register_gather_hooks(model)
+            self._register_gather_hooks()
+
+    def _units(self, model: nn.Module | None) -> tuple[list[nn.Module], list[list[int]]]:
+        """The modules a bucket belongs to: each stage root (its parameters outside the blocks)
+        followed by its blocks, in forward order; and each unit's parameters, in backward
+        order. Without a model: one unit of every parameter."""
+        if model is None:
+            return [nn.Module()], [list(reversed(range(len(self.model_params))))]
+        index = {id(p): i for i, p in enumerate(self.model_params)}
+        roots = list(model) if isinstance(model, nn.ModuleList) else [model]
+        units = [u for root in roots for u in [root] + [b for _, b in block_items(root)]]
+        owner: dict[int, int] = {}
+        for u, unit in enumerate(units):  # outer first: a block's parameters end up with it
+            for q in unit.parameters():
+                if id(q) in index:
+                    owner[index[id(q)]] = u
+        params = [sorted((i for i, o in owner.items() if o == u), reverse=True)
+                  for u in range(len(units))]
+        return units, params
 
     # -- the step's micro-batches ---------------------------------------------------------
     def before_microbatch(self, last: bool) -> None:
@@ -78,11 +118,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._reduce_now = last
 
     # -- gradients ------------------------------------------------------------------------
-    def _flat_padded(self, t: torch.Tensor, i: int) -> torch.Tensor:
-        flat = t.reshape(-1)
-        pad = self.chunk[i] * self.world - flat.numel()
-        return torch.nn.functional.pad(flat, (0, pad)) if pad else flat
-
     def _local_grad(self, i: int) -> torch.Tensor:
         p = self.model_params[i]
         if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
@@ -90,24 +125,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
             p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         return _local(p.grad)
 
-    def _reduce_scatter(self, i: int, in_place: bool) -> torch.Tensor:
-        flat = self._flat_padded(self._local_grad(i), i)
-        c = self.chunk[i]
-        shard = flat[self.rank * c:(self.rank + 1) * c] if in_place else flat.new_empty(c)
+    def _reduce_scatter(self, b: int) -> torch.Tensor:
+        bk = self.buckets[b]
+        parts = [self._local_grad(i).reshape(-1) for i in bk.params]
+        pad = bk.shard * self.world - bk.numel
+        if pad:
+            parts.append(parts[0].new_zeros(pad))
+        flat = torch.cat(parts)  # the bucket's contiguous copy
+        shard = flat.new_empty(bk.shard)
         dist.reduce_scatter_tensor(shard, flat, group=self.group)
         return shard
 
+    def _reduce_bucket(self, b: int) -> None:
+        shard = self._reduce_scatter(b)
+        prev = self.grad_shards[b]
+        self.grad_shards[b] = shard if prev is None else prev.add_(shard)
+        if self.zero_stage == 2:
+            for i in self.buckets[b].params:
+                self.model_params[i].grad = None  # ZeRO-2 keeps only the local shard
+
     def _make_reduce_hook(self, i: int) -> Any:
+        b = self.bucket_of[i]
+
         def hook(p: torch.Tensor) -> None:
             if not self._reduce_now:
                 return
-            if self.zero_stage == 1:  # in place: the whole gradient stays until the step
-                self.grad_shards[i] = self._reduce_scatter(i, in_place=True)
-                return
-            shard = self._reduce_scatter(i, in_place=False)
-            prev = self.grad_shards[i]
-            self.grad_shards[i] = shard if prev is None else prev.add_(shard)
-            p.grad = None  # ZeRO-2 keeps only the local gradient shard
+            self._ready[b] += 1
+            if self._ready[b] == len(self.buckets[b].params):
+                self._ready[b] = 0
+                self._reduce_bucket(b)
 
         return hook
 
@@ -117,61 +163,55 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return grads + [g for g in self.grad_shards if g is not None]
 
     # -- parameters -----------------------------------------------------------------------
-    def _all_gather(self, i: int) -> None:
-        p, master = self.model_params[i], self.masters[i]
-        local = _local(p)
-        full = local.new_empty(self.chunk[i] * self.world)
-        dist.all_gather_into_tensor(full, master.to(local.dtype), group=self.group)
+    def _all_gather(self, b: int) -> None:
+        bk = self.buckets[b]
+        locals_ = [_local(self.model_params[i]) for i in bk.params]
+        full = locals_[0].new_empty(bk.shard * self.world)
+        dist.all_gather_into_tensor(full, self.masters[b].to(locals_[0].dtype), group=self.group)
+        offset = 0
         with torch.no_grad():
-            local.copy_(full[: local.numel()].view_as(local))
+            for local in locals_:
+                local.copy_(full[offset:offset + local.numel()].view_as(local))
+                offset += local.numel()
 
-    def _register_gather_hooks(self, model: nn.Module) -> None:
-        """A forward pre-hook per block (and one per stage root for the parameters outside the
-        blocks), on the module the model holds: outside any checkpointed region, so a
-        recompute neither repeats nor misses the all-gathers (Megatron: one per bucket)."""
-        index = {id(p): i for i, p in enumerate(self.model_params)}
-        roots = list(model) if isinstance(model, nn.ModuleList) else [model]
-        units = roots + [block for root in roots for _, block in block_items(root)]
-        owner: dict[int, nn.Module] = {}
-        for unit in units:  # outer first: a block's parameters end up with the block
-            for q in unit.parameters():
-                if id(q) in index:
-                    owner[index[id(q)]] = unit
-        for unit in units:
-            owned = sorted(i for i, u in owner.items() if u is unit)
-            if owned:
-                unit.register_forward_pre_hook(self._make_gather_hook(owned))
-        self._pending_gather = set(range(len(self.model_params)))
+    def _register_gather_hooks(self) -> None:
+        """A forward pre-hook per bucket's unit, on the module the model holds: outside any
+        checkpointed region, so a recompute neither repeats nor misses the all-gathers. Each
+        hook gathers its own bucket (if not yet issued) and the next unit's, which then runs
+        beside this unit's forward."""
+        n = len(self.buckets)
+        for b, unit in enumerate(self.bucket_units):
+            unit.register_forward_pre_hook(self._make_gather_hook(b, b + 1 if b + 1 < n else None))
+        self._pending_gather = set(range(n))
 
-    def _make_gather_hook(self, owned: list[int]) -> Any:
+    def _make_gather_hook(self, own: int, nxt: int | None) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            for i in owned:
-                if i in self._pending_gather:
-                    self._pending_gather.discard(i)
-                    self._all_gather(i)
+            for b in (own, nxt):
+                if b is not None and b in self._pending_gather:
+                    self._pending_gather.discard(b)
+                    self._all_gather(b)
 
         return hook
 
     # -- step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
-        for i, (p, master) in enumerate(zip(self.model_params, self.masters)):
-            shard = self.grad_shards[i]
-            if shard is None and p.grad is not None:  # ZeRO-1 at the step
-                shard = self._reduce_scatter(i, in_place=True)
-            if shard is None:
-                continue
-            master.grad = shard.float()
+        for b, bk in enumerate(self.buckets):
+            if self.grad_shards[b] is None and all(
+                    self.model_params[i].grad is not None for i in bk.params):
+                self._reduce_bucket(b)  # ZeRO-1 at the step
+            if self.grad_shards[b] is not None:
+                self.masters[b].grad = self.grad_shards[b].float()
         self.inner.step()
-        for i, master in enumerate(self.masters):
+        for b, master in enumerate(self.masters):
             master.grad = None
             if not self.gather_in_forward:
-                self._all_gather(i)
+                self._all_gather(b)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.model_params:
             p.grad = None
-        self.grad_shards = [None] * len(self.model_params)
+        self.grad_shards = [None] * len(self.buckets)
         self._reduce_now = self.zero_stage == 2
 
     def state_tensors(self) -> list[torch.Tensor]:
