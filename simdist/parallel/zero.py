@@ -87,6 +87,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(self.model_params):
                 p.register_post_accumulate_grad_hook(self._make_reduce_hook(i))
         self._pending_gather: set[int] = set()
+        self._gathered: dict[int, torch.Tensor] = {}  # bucket -> all-gathered, not copied out
         self.gather_in_forward = overlap_param_gather
         if overlap_param_gather:
             if model is None:
@@ -164,13 +165,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # -- parameters -----------------------------------------------------------------------
     def _all_gather(self, b: int) -> None:
+        """Issue bucket b's all-gather into a flat buffer; `_copy_out` fills the parameters."""
         bk = self.buckets[b]
-        locals_ = [_local(self.model_params[i]) for i in bk.params]
-        full = locals_[0].new_empty(bk.shard * self.world)
-        dist.all_gather_into_tensor(full, self.masters[b].to(locals_[0].dtype), group=self.group)
-        offset = 0
+        dtype = _local(self.model_params[bk.params[0]]).dtype
+        full = self.masters[b].new_empty(bk.shard * self.world, dtype=dtype)
+        dist.all_gather_into_tensor(full, self.masters[b].to(dtype), group=self.group)
+        self._gathered[b] = full
+
+    def _copy_out(self, b: int) -> None:
+        full, offset = self._gathered.pop(b), 0
         with torch.no_grad():
-            for local in locals_:
+            for i in self.buckets[b].params:
+                local = _local(self.model_params[i])
                 local.copy_(full[offset:offset + local.numel()].view_as(local))
                 offset += local.numel()
 
@@ -186,10 +192,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _make_gather_hook(self, own: int, nxt: int | None) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            for b in (own, nxt):
-                if b is not None and b in self._pending_gather:
-                    self._pending_gather.discard(b)
-                    self._all_gather(b)
+            if own in self._pending_gather:  # the first unit: nothing issued it before
+                self._pending_gather.discard(own)
+                self._all_gather(own)
+            if own in self._gathered:  # waits for its all-gather, issued one unit earlier
+                self._copy_out(own)
+            if nxt is not None and nxt in self._pending_gather:
+                self._pending_gather.discard(nxt)
+                self._all_gather(nxt)
 
         return hook
 
@@ -207,6 +217,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             master.grad = None
             if not self.gather_in_forward:
                 self._all_gather(b)
+                self._copy_out(b)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.model_params:
