@@ -213,6 +213,9 @@ class ParallelConfig(BaseModel):
     # in the last micro-batch's backward; ZeRO-1/2's parameter all-gather in the next forward.
     zero_overlap_grad_reduce: bool = False
     zero_overlap_param_gather: bool = False
+    # ZeRO-1's gradient buffer: the ZeRO paper's bf16 gradients, or Megatron's fp32 main_grad
+    # (what Megatron-LM runs with bf16: --accumulate-allreduce-grads-in-fp32 is forced on)
+    zero_grad_dtype: Literal["bf16", "fp32"] = "bf16"
 
     @field_validator("dp_shard")
     @classmethod
@@ -437,6 +440,10 @@ def _check_grad_sync(cfg: SimdistConfig) -> None:
         raise ConfigError("parallel.zero_overlap_param_gather",
                           "is for zero_stage 1 or 2 (FSDP2 prefetches its own all-gathers); "
                           "allowed: false")
+    if p.zero_grad_dtype == "fp32" and p.zero_stage != 1:
+        raise ConfigError("parallel.zero_grad_dtype",
+                          f"fp32 (Megatron's main_grad buffer) is for zero_stage 1, not "
+                          f"{p.zero_stage}; allowed: bf16")
     for flag in ("zero_overlap_grad_reduce", "zero_overlap_param_gather"):
         if getattr(p, flag) and p.pp > 1:
             raise ConfigError(f"parallel.{flag}", "is not implemented with pp > 1 (ZeRO then "

@@ -86,12 +86,13 @@ def _megatron_core(size: str, layers: int, hidden: int, heads: int, tp: int, gpu
                 # --overlap-param-gather needs --use-distributed-optimizer: ZeRO-1 over dp
                 "parallel": {"tp": tp, "dp_shard": dp, "zero_stage": 1,
                              "zero_overlap_grad_reduce": True, "zero_overlap_param_gather": True,
+                             "zero_grad_dtype": "fp32",
                              "sequence_parallel": tp > 1},
                 "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": gpus // 8}},
         metric="mfu_megatron", published=mfu, fully_specified=False, slow=True,
         assumptions="unstated micro-batch 1, no recompute; the distributed optimizer (which "
-                    "--overlap-param-gather requires) as ZeRO-1 with both overlaps; its bf16 "
-                    "gradient reduce (not --accumulate-allreduce-grads-in-fp32); no "
+                    "--overlap-param-gather requires) as ZeRO-1 with both overlaps and fp32 "
+                    "main_grad (bf16 forces --accumulate-allreduce-grads-in-fp32); no "
                     "--tp-comm-overlap; Transformer Engine's fused kernels as "
                     "training.compile, flash attention, sequence parallel with TP",
         extra={"layers": layers, "hidden": hidden, "vocab": 131072, "seq": 4096})

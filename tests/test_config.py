@@ -207,6 +207,8 @@ BAD = {
     "zero overlap param gather with fsdp": ({"parallel": {"zero_overlap_param_gather": True}}, [],
                                             "parallel.zero_overlap_param_gather",
                                             ["zero_stage 1 or 2", "allowed: false"]),
+    "zero fp32 grads with fsdp": ({"parallel": {"zero_grad_dtype": "fp32"}}, [],
+                                  "parallel.zero_grad_dtype", ["zero_stage 1", "allowed: bf16"]),
     "zero overlap grad reduce with pp": (
         {"training": {"global_batch": 16},
          "parallel": {"zero_stage": 1, "pp": 2, "zero_overlap_grad_reduce": True}}, [],

@@ -37,6 +37,7 @@ def test_layer_store_key_sensitivity(tmp_path, monkeypatch) -> None:
     # Megatron's distributed-optimizer flags (ZeRO-1 only)
     for flag in ("zero_overlap_grad_reduce", "zero_overlap_param_gather"):
         keys[flag] = _key(model, tmp_path, zero_stage=1, **{flag: True})
+    keys["zero_grad_dtype"] = _key(model, tmp_path, zero_stage=1, zero_grad_dtype="fp32")
     for name, key in keys.items():
         assert key != base, f"{name} does not change the layer store key"
     assert len(set(keys.values())) == len(keys)  # and no two changes collide

@@ -119,3 +119,24 @@ def test_zero1_overlap_moves_the_reductions_not_the_bytes():
     psi = sum(p.numel() for p in build_model(model, "meta").parameters())
     assert over1.grad_bytes == plain1.grad_bytes + 2 * psi // 4
     assert plain1.grad_bytes == 2 * psi
+
+
+def test_zero1_with_megatrons_fp32_main_grad():
+    # Megatron-LM's distributed-optimizer table (docs: "bf16 param, fp32 grads"): 6 + 12/d bytes
+    # per parameter: bf16 parameters 2, the fp32 main_grad buffer 4, the fp32 master, momentum
+    # and variance sharded 12/d (plus one AdamW step counter per bucket, as above).
+    model = spec("gpt-7.5b", seq_len=128, n_layers=4)
+    psi = sum(p.numel() for p in build_model(model, "meta").parameters())
+    n = 4
+    fp32 = run_rank(model, dp_shard=n, zero_stage=1, zero_grad_dtype="fp32", seq_len=128,
+                    num_microbatches=2)
+    bf16 = run_rank(model, dp_shard=n, zero_stage=1, seq_len=128, num_microbatches=2)
+    assert fp32.param_bytes == 2 * psi and fp32.grad_bytes == 4 * psi
+    assert (fp32.param_bytes + fp32.grad_bytes + fp32.optimizer_bytes
+            == 6 * psi + 12 * psi // n + 4 * (model.n_layers + 1))
+
+    def rs_bytes(tr):  # noqa: ANN001, ANN202
+        return sum(r["count"] * r["bytes"] for r in tr.collectives.to_pylist()
+                   if r["kind"] == "reduce_scatter")
+
+    assert rs_bytes(fp32) == 2 * rs_bytes(bf16)  # the reduce-scatter moves fp32

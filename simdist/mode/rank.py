@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -101,7 +102,8 @@ def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
                     [p for p in model.parameters() if p.requires_grad],
                     mesh["dp_shard"].get_group(), par.zero_stage,
                     overlap_grad_reduce=par.zero_overlap_grad_reduce,
-                    overlap_param_gather=par.zero_overlap_param_gather, model=model)
+                    overlap_param_gather=par.zero_overlap_param_gather, model=model,
+                    grad_dtype=(torch.float32 if par.zero_grad_dtype == "fp32" else None))
             else:
                 optimizer = make_optimizer(model, training.optimizer)
             init_optimizer_state(model, optimizer)

@@ -128,6 +128,8 @@ def record_step(
     with fake_mode, recording(ctx, group_dims, memory_only) as (colls, ops, mem, kernels):
         mem.track_existing(params, "param")
         mem.track_existing(optimizer_state_tensors(optimizer), "optimizer")
+        if hasattr(optimizer, "resident_gradient_tensors"):  # Megatron's main_grad (ZeRO-1)
+            mem.track_existing(optimizer.resident_gradient_tensors(), "grad")
         mem.track_existing(resident, "buffer")
         initial_live, initial_saved = mem.start()
         executed = run_microbatches(mem)

@@ -58,9 +58,12 @@ class Bucket:
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, stage: int,
                  lr: float = 1e-4, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False, model: nn.Module | None = None) -> None:
+                 overlap_param_gather: bool = False, model: nn.Module | None = None,
+                 grad_dtype: torch.dtype | None = None) -> None:
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer is for stages 1 and 2, not {stage}")
+        if grad_dtype is not None and stage != 1:
+            raise ValueError("an fp32 gradient buffer is ZeRO-1's (Megatron's main_grad)")
         self.group, self.zero_stage = group, stage
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.model_params = list(params)
@@ -83,7 +86,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.overlap_grad_reduce = stage == 1 and overlap_grad_reduce
         self._reduce_now = stage == 2
         self._ready = [0] * len(self.buckets)
-        if stage == 2 or self.overlap_grad_reduce:
+        # Megatron's main_grad: a persistent gradient buffer in grad_dtype that each backward
+        # accumulates into (the parameter's own .grad is freed at once)
+        self.main_grads: list[torch.Tensor] | None = None
+        self._partial: set[int] = set()  # main grads holding TP-partial sums (all-reduced later)
+        if grad_dtype is not None:
+            self.main_grads = [torch.zeros(_local(q).shape, dtype=grad_dtype, device=dev)
+                               for q in self.model_params]
+        self._has_grad = [False] * len(self.buckets)
+        if stage == 2 or self.overlap_grad_reduce or self.main_grads is not None:
             for i, p in enumerate(self.model_params):
                 p.register_post_accumulate_grad_hook(self._make_reduce_hook(i))
         self._pending_gather: set[int] = set()
@@ -126,9 +137,29 @@ class ZeroOptimizer(torch.optim.Optimizer):
             p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         return _local(p.grad)
 
+    def _accumulate_main_grad(self, i: int) -> None:
+        p, main = self.model_params[i], self.main_grads[i]
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            self._partial.add(i)  # summed over TP when the bucket is reduced (Megatron)
+            main.add_(g.to_local())
+        else:
+            main.add_(self._local_grad(i))
+        p.grad = None
+
+    def _bucket_grad(self, i: int) -> torch.Tensor:
+        if self.main_grads is None:
+            return self._local_grad(i)
+        main = self.main_grads[i]
+        if i in self._partial:
+            self._partial.discard(i)
+            p = self.model_params[i]
+            dist.all_reduce(main, group=p.device_mesh.get_group())
+        return main
+
     def _reduce_scatter(self, b: int) -> torch.Tensor:
         bk = self.buckets[b]
-        parts = [self._local_grad(i).reshape(-1) for i in bk.params]
+        parts = [self._bucket_grad(i).reshape(-1) for i in bk.params]
         pad = bk.shard * self.world - bk.numel
         if pad:
             parts.append(parts[0].new_zeros(pad))
@@ -149,6 +180,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         b = self.bucket_of[i]
 
         def hook(p: torch.Tensor) -> None:
+            self._has_grad[b] = True
+            if self.main_grads is not None:
+                self._accumulate_main_grad(i)
             if not self._reduce_now:
                 return
             self._ready[b] += 1
@@ -161,7 +195,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def gradient_tensors(self) -> list[torch.Tensor]:
         """What holds gradient bytes now (whole grads for ZeRO-1, shards for ZeRO-2)."""
         grads = [p.grad for p in self.model_params if p.grad is not None]
-        return grads + [g for g in self.grad_shards if g is not None]
+        return grads + (self.main_grads or []) + [g for g in self.grad_shards if g is not None]
+
+    def resident_gradient_tensors(self) -> list[torch.Tensor]:
+        """Gradient storage alive across steps (Megatron's main_grad buffer)."""
+        return list(self.main_grads or [])
 
     # -- parameters -----------------------------------------------------------------------
     def _all_gather(self, b: int) -> None:
@@ -207,8 +245,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         for b, bk in enumerate(self.buckets):
-            if self.grad_shards[b] is None and all(
-                    self.model_params[i].grad is not None for i in bk.params):
+            if self.grad_shards[b] is None and (self._has_grad[b] or all(
+                    self.model_params[i].grad is not None for i in bk.params)):
                 self._reduce_bucket(b)  # ZeRO-1 at the step
             if self.grad_shards[b] is not None:
                 self.masters[b].grad = self.grad_shards[b].float()
@@ -222,6 +260,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.model_params:
             p.grad = None
+        for main in self.main_grads or []:
+            main.zero_()  # Megatron's zero_grad_buffer: the buffer stays
+        self._has_grad = [False] * len(self.buckets)
         self.grad_shards = [None] * len(self.buckets)
         self._reduce_now = self.zero_stage == 2
 
