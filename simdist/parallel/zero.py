@@ -30,7 +30,12 @@ When the reductions run follows Megatron-LM's distributed optimizer (and DeepSpe
   previous step's update sit in its first forward, each unit's hook waiting for its own buckets
   and issuing the next unit's; the optimizer step only updates the masters.
 A Replicate parameter whose gradient comes out Partial over TP (norm weights with sequence
-parallelism) is all-reduced over TP first, as Megatron all-reduces those gradients."""
+parallelism) is all-reduced over TP first, as Megatron all-reduces those gradients.
+
+`grad_dtype=torch.float32` (ZeRO-1) is Megatron's `main_grad`: a persistent fp32 buffer per
+parameter that each backward accumulates into (the bf16 .grad is freed at once; TP-partial sums
+accumulate and are all-reduced when the bucket is reduced), reduce-scattered in fp32: 6 + 12/N
+bytes per parameter, Megatron's own table for bf16 parameters with fp32 gradients."""
 
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from simdist.parallel.blocks import block_items
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
