@@ -72,3 +72,20 @@ def test_groups_that_differ_execute_the_step_again_with_own_meshes(monkeypatch) 
     assert _streams(run_rank_step(task)) == expected
     assert runs == [True, False] and calls  # the shared session was discarded, then run alone
     assert (task.rank, task.layout) not in session_mode._shared  # the key starts over
+
+
+def test_a_session_that_raises_shares_nothing_with_later_ones() -> None:
+    from simdist.mode.context import StepContext
+
+    key = ("test", 0)
+    try:
+        with session_mode.rank_session(0, 2, StepContext(), key) as first:
+            raise RuntimeError("the step failed")
+    except RuntimeError:
+        pass
+    with session_mode.rank_session(0, 2, StepContext(), key) as second:
+        pass
+    assert second.token != first.token  # the failed session's caches are never handed on
+    with session_mode.rank_session(0, 2, StepContext(), key) as third:
+        pass
+    assert third.token == second.token and third.consistent

@@ -86,16 +86,25 @@ class RankSession:
                 _shared[self.key] = shared
         self.token = shared.token
 
+    def _entry(self) -> _Shared | None:
+        shared = _shared.get(self.key) if self.key is not None else None
+        return shared if shared is not None and shared.token == self.token else None
+
     def close(self) -> None:
         """Called before the process group is destroyed."""
-        shared = _shared.get(self.key) if self.key is not None else None
-        if shared is None or shared.token != self.token:
+        if (shared := self._entry()) is None:
             return
         groups = _group_map()
         if shared.groups is None:
             shared.groups = groups
         elif groups != shared.groups:
             self.consistent = False
+            del _shared[self.key]
+
+    def abandon(self) -> None:
+        """A session that raised: its groups were never checked, so no later session may take
+        what it left in the caches."""
+        if self._entry() is not None:
             del _shared[self.key]
 
 
@@ -163,5 +172,9 @@ def rank_session(rank: int, world_size: int, ctx: StepContext,
     session = RankSession(key)
     with distinct_meshes(session.token), own_groups_only(), \
             fake_process_group(rank, world_size), exclude_sharding_propagation(ctx):
-        yield session
+        try:
+            yield session
+        except BaseException:
+            session.abandon()
+            raise
         session.close()
