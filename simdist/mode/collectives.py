@@ -17,7 +17,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simdist.mode.context import StepContext
-from simdist.mode.memory import is_dtensor_dispatch
+from simdist.mode.memory import fake_device_query, is_dtensor_dispatch
 from simdist.opcount import tensor_bytes as _tensor_bytes
 from simdist.trace import CollectiveEvent
 
@@ -68,6 +68,8 @@ class CollectiveRecorder(TorchDispatchMode):
         super().__init__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if (device := fake_device_query(func, args)) is not None:
+            return device
         if is_dtensor_dispatch(types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))

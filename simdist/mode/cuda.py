@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simdist.mode.flex_attention import flex_semantics
-from simdist.mode.memory import is_dtensor_dispatch, is_fake
+from simdist.mode.memory import fake_device_query, is_dtensor_dispatch, is_fake
 
 aten = torch.ops.aten
 _HALF = (torch.float16, torch.bfloat16)
@@ -128,6 +128,8 @@ class _FakeDispatch(TorchDispatchMode):
         self.ctx = ctx
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if (device := fake_device_query(func, args)) is not None:
+            return device
         if is_dtensor_dispatch(types):
             return NotImplemented
         try:

@@ -37,6 +37,21 @@ def is_dtensor_dispatch(types: Any) -> bool:
     return any(getattr(t, "__name__", "") == "DTensor" for t in types)
 
 
+_DEVICE_QUERY = torch.ops.prim.device.default
+
+
+def fake_device_query(func: Any, args: Any) -> torch.device | None:
+    """The answer to a fake tensor's device query (`prim.device`, which C++ code such as the
+    autograd engine and DTensor's dispatch asks of a tensor with a Python-defined device) as
+    FakeTensorMode gives it; None for any other op. Every recording mode (and mode/cuda.py's)
+    passes this query down unchanged: it allocates, launches and communicates nothing. It is
+    most of what reaches dispatch, so the first mode answers it and the others never see it."""
+    if func is not _DEVICE_QUERY or len(args) != 1 or not isinstance(args[0], FakeTensor):
+        return None
+    t = args[0]  # as torch's fake_tensor._device_handler answers it
+    return torch.device("meta") if t.fake_mode.in_kernel_invocation else t.fake_device
+
+
 @dataclass
 class StorageInfo:
     nbytes: int
@@ -139,6 +154,8 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- dispatch -------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if (device := fake_device_query(func, args)) is not None:
+            return device
         if is_dtensor_dispatch(types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
 from simdist.mode.context import StepContext
-from simdist.mode.memory import is_dtensor_dispatch
+from simdist.mode.memory import fake_device_query, is_dtensor_dispatch
 from simdist.opcount import is_write_only, kernel_flops, kernel_writes, shape_text
 from simdist.trace import OpEvent, OpHead, OpItem
 
@@ -39,6 +39,8 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if (device := fake_device_query(func, args)) is not None:
+            return device
         if is_dtensor_dispatch(types):
             return NotImplemented
         kwargs = kwargs or {}

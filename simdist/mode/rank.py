@@ -74,13 +74,24 @@ class StepInputs:
 
 def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
     """The trace fields of one rank's step, executed in full (`inputs.memory_only`: its
-    `streams` alone, see mode/step.py: record_step)."""
+    `streams` alone, see mode/step.py: record_step). Its meshes are those of the earlier
+    sessions of this rank and layout in this process (mode/session.py: RankSession), or its
+    own where those turn out not to name the same process groups (then it runs again)."""
     t0 = time.perf_counter()
+    fields = _run_rank_step(task, inputs, share_meshes=True)
+    if fields is None:
+        fields = _run_rank_step(task, inputs, share_meshes=False)
+    fields["wall_s"] = time.perf_counter() - t0
+    return fields
+
+
+def _run_rank_step(task: RankTask, inputs: StepInputs, share_meshes: bool) -> dict | None:
     training, par, family = task.training, task.parallel, task.model.registration
     batch = training.micro_batch if inputs.batch is None else inputs.batch
     seq_len = training.seq_len if inputs.seq_len is None else inputs.seq_len
     ctx = StepContext(track_modules=not (par.pp > 1 and par.pp_schedule == "zero_bubble"))
-    with rank_session(task.rank, task.layout.world_size, ctx):
+    key = (task.rank, task.layout) if share_meshes else None
+    with rank_session(task.rank, task.layout.world_size, ctx, key) as session:
         mesh = build_device_mesh(task.layout)
         plan = ParallelPlan(task.layout, torch_dtype(training.dtype),
                             training.activation_checkpointing, par.sequence_parallel,
@@ -129,8 +140,7 @@ def run_rank_step(task: RankTask, inputs: StepInputs = StepInputs()) -> dict:
                               step_context=(partial(context_parallel, mesh["cp"],
                                                     family.attention_modules) if cp > 1
                                             else contextlib.nullcontext), **common)
-    fields["wall_s"] = time.perf_counter() - t0
-    return fields
+    return fields if session.consistent else None
 
 
 def _tied_parameters(model: nn.Module) -> list[list[str]]:

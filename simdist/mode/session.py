@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -44,9 +45,73 @@ def exclude_sharding_propagation(ctx: StepContext) -> Iterator[None]:
 _session_ids = itertools.count(1)
 
 
+def _group_map() -> dict[str, tuple[int, ...]]:
+    """Every process group of this session: name -> its global ranks."""
+    world = dist.distributed_c10d._world
+    return {name: tuple(sorted(world.pg_group_ranks.get(pg, {}))) for pg, name
+            in world.pg_names.items()}
+
+
+@dataclass
+class _Shared:
+    token: int
+    groups: dict[str, tuple[int, ...]] | None = None  # at the end of the first session
+
+
+# key -> the mesh token its sessions share (see RankSession)
+_shared: dict[Hashable, _Shared] = {}
+
+
+@dataclass
+class RankSession:
+    """Which DeviceMesh token this session stamps (see `distinct_meshes`). Sessions of one
+    `key` (the same rank of the same mesh layout: the memo's short steps of one rank class)
+    share one token, so DTensor's caches keyed by their meshes (sharding propagation,
+    redistribution) carry over from one to the next instead of being recomputed per session.
+    That is sound where a mesh of an earlier session names the same process groups as this
+    session's equal mesh: the group names (counted from 0 in each session) resolve to groups of
+    the same ranks. `close` checks it (every group of this session, by name and ranks, as in
+    the key's first session); where it fails, `consistent` is False, the key gets a new token
+    and the caller executes the session again with its own meshes. key None: a token of its
+    own."""
+    key: Hashable | None = None
+    token: int = 0
+    consistent: bool = True
+
+    def __post_init__(self) -> None:
+        shared = _shared.get(self.key) if self.key is not None else None
+        if shared is None:
+            shared = _Shared(-next(_session_ids))
+            if self.key is not None:
+                _shared[self.key] = shared
+        self.token = shared.token
+
+    def _entry(self) -> _Shared | None:
+        shared = _shared.get(self.key) if self.key is not None else None
+        return shared if shared is not None and shared.token == self.token else None
+
+    def close(self) -> None:
+        """Called before the process group is destroyed."""
+        if (shared := self._entry()) is None:
+            return
+        groups = _group_map()
+        if shared.groups is None:
+            shared.groups = groups
+        elif groups != shared.groups:
+            self.consistent = False
+            del _shared[self.key]
+
+    def abandon(self) -> None:
+        """A session that raised: its groups were never checked, so no later session may take
+        what it left in the caches."""
+        if self._entry() is not None:
+            del _shared[self.key]
+
+
 @contextlib.contextmanager
-def distinct_meshes() -> Iterator[None]:
-    """Make this session's DeviceMeshes unequal to every earlier session's.
+def distinct_meshes(token: int | None = None) -> Iterator[None]:
+    """Make this session's DeviceMeshes unequal to every earlier session's (but those that
+    share its `token`, see RankSession; None: a new one).
 
     DeviceMesh equality and hash ignore the rank and the process-group names (they compare
     layout, device and dim names, plus a thread id used only by the threaded backend), and
@@ -57,7 +122,8 @@ def distinct_meshes() -> Iterator[None]:
     caches correct without clearing them."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    token = -next(_session_ids)
+    if token is None:
+        token = -next(_session_ids)
     orig = DeviceMesh.__init__
 
     def init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -100,7 +166,15 @@ def own_groups_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def rank_session(rank: int, world_size: int, ctx: StepContext) -> Iterator[None]:
-    with distinct_meshes(), own_groups_only(), fake_process_group(rank, world_size), \
-            exclude_sharding_propagation(ctx):
-        yield
+def rank_session(rank: int, world_size: int, ctx: StepContext,
+                 key: Hashable | None = None) -> Iterator[RankSession]:
+    """`key`: see RankSession (None: meshes of this session's own)."""
+    session = RankSession(key)
+    with distinct_meshes(session.token), own_groups_only(), \
+            fake_process_group(rank, world_size), exclude_sharding_propagation(ctx):
+        try:
+            yield session
+        except BaseException:
+            session.abandon()
+            raise
+        session.close()
