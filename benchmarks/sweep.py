@@ -120,6 +120,7 @@ def main() -> int:
     import simdist
 
     load_start = list(os.getloadavg())  # 1, 5, 15 min: other work on the machine
+    at_commit = commit()  # at the start: the code the sweeps import
     work = args.work or Path(tempfile.mkdtemp(prefix="simdist-bench-sweep-"))
     cache_dir = str(work / "cache")
     if not args.warm_only and Path(cache_dir).exists() and any(Path(cache_dir).iterdir()):
@@ -140,7 +141,7 @@ def main() -> int:
         plan="llama3-70b on 1024 H100s (128 x 8), ZeRO-3 over the rest, 1F1B",
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                      python=platform.python_version(), loadavg_start=load_start,
-                     loadavg_end=list(os.getloadavg()), commit=commit()),
+                     loadavg_end=list(os.getloadavg()), commit=at_commit),
         versions=dict(simdist=simdist.__version__, torch=torch.__version__, ray=ray.__version__),
         cold=cold, warm=warm,
         warm_over_cold=(warm["plans_per_s"] / cold["plans_per_s"])
