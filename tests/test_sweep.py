@@ -109,7 +109,7 @@ def test_a_warm_sweep_starts_no_ray(tmp_path, monkeypatch):
     from simdist.sweep import run_sweep
 
     sets = ["model.n_layers=6", f"simulation.cache_dir={tmp_path / 'cache'}"]
-    grid = ["training.micro_batch=1,2"]
+    grid = ["training.micro_batch=1"]  # one plan: what a warm sweep starts, not how many
     cold = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "cold", progress=False)
 
     def refuse(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
@@ -119,7 +119,7 @@ def test_a_warm_sweep_starts_no_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(pool, "start_workers", refuse)
     warm = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "warm", progress=False)
     mark = json.loads((warm.out / "sweep.json").read_text())
-    assert (mark["simulated"], mark["ray"], mark["actors_started"]) == (2, False, 0)
+    assert (mark["simulated"], mark["ray"], mark["actors_started"]) == (1, False, 0)
     a = pq.read_table(cold.out / "sweep.parquet").to_pylist()
     b = pq.read_table(warm.out / "sweep.parquet").to_pylist()
     for x, y in zip(a, b):
