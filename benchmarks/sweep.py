@@ -82,7 +82,19 @@ def one_sweep(cfg: dict, out: Path, limit: int | None, workers: int | None) -> d
                                  "training.micro_batch", "fits", "tokens_per_s_per_gpu",
                                  "peak_bytes_max")} for r in simulated[:3]],
         skip_reasons=sorted({r["skip_reason"] for r in res.rows if r["skip_reason"]}),
+        session={k: json.loads((out / "sweep.json").read_text()).get(k)
+                 for k in ("ray", "actors_started")},
     )
+
+
+def commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main() -> int:
@@ -92,34 +104,57 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=None, help="rank actors per plan (default auto)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep.json")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the cache and sweep directories here (default: a temporary "
+                         "directory, removed); with --warm-only, the cache of an earlier run")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="only the warm sweep, against --work's cache (to measure a change to "
+                         "the warm path without repeating the cold sweep)")
     args = ap.parse_args()
+    if args.warm_only and args.work is None:
+        ap.error("--warm-only needs --work (the cache dir of an earlier run)")
 
     import ray
     import torch
 
     import simdist
 
-    work = Path(tempfile.mkdtemp(prefix="simdist-bench-sweep-"))
-    cache_dir = str(work / "cache")  # fresh: the cold sweep starts from nothing
+    load_start = list(os.getloadavg())  # 1, 5, 15 min: other work on the machine
+    at_commit = commit()  # at the start: the code the sweeps import
+    work = args.work or Path(tempfile.mkdtemp(prefix="simdist-bench-sweep-"))
+    cache_dir = str(work / "cache")
+    if not args.warm_only and Path(cache_dir).exists() and any(Path(cache_dir).iterdir()):
+        sys.exit(f"{cache_dir} is not empty: the cold sweep must start from a fresh cache")
     cfg = base_config(args.seq_len, args.global_batch, cache_dir)
+    previous = json.loads(args.out.read_text()) if args.warm_only and args.out.exists() else {}
     try:
-        cold = one_sweep(cfg, work / "cold", args.limit, args.workers)
+        cold = previous.get("cold") if args.warm_only else one_sweep(
+            cfg, work / "cold", args.limit, args.workers)
+        shutil.rmtree(work / "warm", ignore_errors=True)
         warm = one_sweep(cfg, work / "warm", args.limit, args.workers)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     result = dict(
         benchmark="sweep",
         grid=GRID, limit=args.limit, seq_len=args.seq_len, global_batch=args.global_batch,
         plan="llama3-70b on 1024 H100s (128 x 8), ZeRO-3 over the rest, 1F1B",
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
-                     python=platform.python_version(), loadavg_1m=os.getloadavg()[0]),
+                     python=platform.python_version(), loadavg_start=load_start,
+                     loadavg_end=list(os.getloadavg()), commit=at_commit),
         versions=dict(simdist=simdist.__version__, torch=torch.__version__, ray=ray.__version__),
         cold=cold, warm=warm,
-        warm_over_cold=(warm["plans_per_s"] / cold["plans_per_s"]) if cold["plans_per_s"] else None,
+        warm_over_cold=(warm["plans_per_s"] / cold["plans_per_s"])
+        if cold and cold["plans_per_s"] else None,
     )
+    if args.warm_only:  # the cold figures are the earlier run's, at its commit and load
+        result["cold_from"] = previous.get("machine")
+        result["warm_only"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in (("cold", cold), ("warm", warm)):
+        if not r:
+            continue
         u = r["reuse"]
         print(f"{name}: {r['simulated']} plans simulated ({r['skipped']} skipped, {r['failed']} "
               f"failed) in {r['wall_s']:.1f} s = {r['plans_per_s']:.3f} plans/s; layer store "

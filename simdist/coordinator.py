@@ -4,13 +4,14 @@ with `exhaustive`) turned into traces on Ray actors, with progress, then merged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
 from functools import partial
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -61,6 +62,55 @@ def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN2
         yield ray.get_runtime_context().gcs_address if address else None
     finally:
         ray.shutdown()
+
+
+class SharedWorkers:
+    """One Ray session and one set of rank actors for many plans (a sweep, a search): Ray starts
+    when the first plan has something to execute (a sweep whose every plan is in the layer store
+    starts none: its plans rebuild in the driver), actors start when a plan needs more than are
+    running and stay warm for the next plan (an actor's start, importing torch, costs seconds;
+    the actors keep no state of a plan but the dispatch cache they warmed, which the next plan
+    shares anyway). Use inside the caller's event loop; `close` ends the actors, then Ray."""
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+        self.ray_address: str | None = None
+        self.actors: list = []
+        self.started = 0  # actors started over the session (plan.json execution.actors_started)
+        self._stack = ExitStack()
+        self.ray_started = False
+
+    def session(self) -> str | None:
+        """The GCS address of a joined cluster (None for the local Ray), starting Ray once."""
+        if not self.ray_started:
+            self.ray_address = self._stack.enter_context(ray_session(self.address))
+            self.ray_started = True
+        return self.ray_address
+
+    def take(self, n: int) -> list:
+        """`n` actors: the warm ones, and new ones where there are fewer."""
+        from simdist.workers.pool import start_workers
+
+        if len(self.actors) < n:
+            new = start_workers(n - len(self.actors))
+            self.actors += new
+            self.started += len(new)
+        return self.actors[:n]
+
+    def give_back(self, taken: list, now: list) -> None:
+        """A plan's pool replaced the actors it timed out (ActorPool._replace): keep its new
+        ones in their places."""
+        swap = {id(a): b for a, b in zip(taken, now)}
+        self.actors = [swap.get(id(a), a) for a in self.actors]
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+        self._stack.close()
 
 
 WATCH_INTERVAL_S = 1.0  # how often the Ray processes the run depends on are checked
@@ -187,23 +237,31 @@ async def build_in_driver(tasks: list[RankTask], jobs: list[MemoJob | PipelineJo
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
                      progress: bool, start_cache: Callable[[str | None], Any] | None = None,
                      phases: Phases | None = None, jobs: list[MemoJob | None] | None = None,
+                     shared: SharedWorkers | None = None,
                      ) -> tuple[list[RankTrace], set[str], int, Any]:
     """Simulate every task (one per rank class) on a pool of actors, each through the memo
     protocol (simdist/memo.py); memo models go to / come from the layer store here, on the
     driver's node (`jobs`: the tasks' memo jobs where the caller opened them already). A
     class with nothing to execute is built in the driver (no actor call); when no class has
-    anything to execute `simulate_async` does not come here (build_in_driver, no Ray)."""
+    anything to execute `simulate_async` does not come here (build_in_driver, no Ray).
+    `shared`: the actors come from (and stay with) a sweep's SharedWorkers."""
     from simdist.workers.pool import ActorPool, pool_size, start_workers
 
     jobs = jobs if jobs is not None else [open_memo(t) for t in tasks]
     n_exec = sum(executions(j) for j in jobs)
     in_driver = n_exec == 0
-    actors = [] if in_driver else start_workers(pool_size(n_workers, n_exec))
+    if in_driver:
+        actors = []
+    elif shared is not None:
+        actors = shared.take(pool_size(n_workers, n_exec))
+    else:
+        actors = start_workers(pool_size(n_workers, n_exec))
+    taken = list(actors)
     # The shared dispatch cache's service starts after the rank actors were requested, so it
     # does not take their start-up slots; with nothing to execute it lives in the driver.
     run_cache = (start_cache("driver" if in_driver else None) if start_cache is not None
                  else None)
-    pool = ActorPool(actors, timeout_s, run_cache)
+    pool = ActorPool(actors, timeout_s, run_cache, owned=shared is None)
     phases = phases or Phases(False)
     n_memo = sum(j is not None for j in jobs)
     where = "in the driver" if in_driver else f"on {len(actors)} actor(s)"
@@ -221,17 +279,23 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         traces = await asyncio.gather(*(one(t, j) for t, j in zip(tasks, jobs)))
     finally:
         bar.close()
+        now = list(pool.actors)
         await pool.close()
-    return list(traces), pool.nodes, len(actors), run_cache
+        if shared is not None:
+            shared.give_back(taken, now)
+    return list(traces), pool.nodes, len(taken), run_cache
 
 
 async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = None,
                          workers: int | str | None = None, exhaustive: bool = False,
                          progress: bool = False, use_cache: bool = True,
-                         trust_code: bool = False) -> ClusterPlan:
+                         trust_code: bool = False,
+                         shared: SharedWorkers | None = None) -> ClusterPlan:
     """`cfg`: a config, or its RunPlan (simdist.planner.plan_run) when the caller planned
     already. `use_cache=False` (--no-cache): neither read nor write the shared caches.
-    `trust_code=True`: allow `model.entrypoint` (it imports and runs the code it names)."""
+    `trust_code=True`: allow `model.entrypoint` (it imports and runs the code it names).
+    `shared`: a sweep's one Ray session and warm actors (SharedWorkers), used only when this
+    plan has something to execute."""
     t0 = time.perf_counter()
     from simdist.cache.run import unusable_cache_dir
 
@@ -276,14 +340,15 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
     else:
         target = address or os.environ.get("RAY_ADDRESS")
         phases(f"joining the Ray cluster at {target}" if target else "starting a local Ray")
-        with ray_session(address) as ray_address:
+        with (ray_session(address) if shared is None
+              else contextlib.nullcontext(shared.session())) as ray_address:
             import ray
 
             start_cache = (partial(RunCache.start, cfg.simulation.cache_dir, run.gpu)
                            if use_cache else None)  # called with the service's placement
             new, nodes, n_actors, run_cache = await watched(_run_tasks(
                 tasks, workers or cfg.simulation.workers, cfg.simulation.rank_timeout_s,
-                progress, start_cache, phases, jobs), ray_address)
+                progress, start_cache, phases, jobs, shared), ray_address)
             execution = dict(ray_address=ray_address, ray=True, nodes=len(nodes),
                              cluster_nodes=len([n for n in ray.nodes() if n.get("Alive")]),
                              actors=n_actors, exhaustive=run.exhaustive)

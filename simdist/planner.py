@@ -86,7 +86,7 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
     check_plan(cfg, spec)
     gpu = resolve_gpu(cfg)
     layout = layout_of(cfg)
-    model = build_model(spec, "meta")  # once: the classes, the parameter count, the MFU FLOPs
+    model = meta_model(spec)  # the classes, the parameter count, the MFU FLOPs
     classes = compute_classes(cfg, spec, layout, model)
     if exhaustive:
         classes = [[r] for r in range(layout.world_size)]
@@ -100,6 +100,29 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
     return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive,
                    num_params=count_params(model),
                    flops_per_token=flops_per_token(spec, cfg.training.seq_len, model))
+
+
+# Meta models the planner built in this process, by spec text (ModelSpec's repr is its full
+# arguments, as the execution key uses it): a sweep or search plans one model many times,
+# and a 70B build on meta is half a second of module construction. Bounded: a process plans few
+# distinct models.
+_META_MODELS: dict[str, nn.Module] = {}
+META_MODELS_MAX = 8
+
+
+def meta_model(spec: ModelSpec) -> nn.Module:
+    """`spec` built on meta, read only (parameter shapes and counts). Built-in families are
+    kept for the next plan of the same spec; a user entrypoint is built every time (its code
+    may read state outside the spec)."""
+    if spec.entrypoint:
+        return build_model(spec, "meta")
+    key = repr(spec)
+    model = _META_MODELS.get(key)
+    if model is None:
+        if len(_META_MODELS) >= META_MODELS_MAX:
+            _META_MODELS.pop(next(iter(_META_MODELS)))
+        model = _META_MODELS[key] = build_model(spec, "meta")
+    return model
 
 
 def compute_classes(cfg: SimdistConfig, spec: ModelSpec, layout: MeshLayout,

@@ -357,14 +357,13 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
     try:
         plans_dir = tmp / PLANS_DIR
         plans_dir.mkdir()
+        session = dict(ray=False, actors_started=0)
         if cases:
-            from simdist.coordinator import ray_session
             from simdist.sweep import simulate_cases
 
-            with ray_session(address):
-                asyncio.run(simulate_cases(cases, plans_dir, address=address, workers=workers,
-                                           use_cache=use_cache, concurrency=concurrency,
-                                           progress=bar))
+            session = asyncio.run(simulate_cases(cases, plans_dir, address=address,
+                                                 workers=workers, use_cache=use_cache,
+                                                 concurrency=concurrency, progress=bar))
         bar.close()
         rows = ranked([case_row(c) for c in cases], objective_key(objective))
         by_id = {c.plan_id: c for c in cases}
@@ -393,7 +392,8 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
         write_rows(tmp, sorted(rows, key=lambda r: r["plan_id"]), DIMS, dict(
             kind="search", config=str(config) if not isinstance(config, dict) else None,
             overrides=list(overrides), plans=len(cases), simulated=report["simulated"],
-            skipped=report["skipped"], failed=report["failed"], wall_s=report["wall_s"]))
+            skipped=report["skipped"], failed=report["failed"], **session,
+            wall_s=report["wall_s"]))
         (tmp / SEARCH_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         from simdist.report import write_report_or_warn
 

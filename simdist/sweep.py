@@ -261,22 +261,24 @@ class SweepProgress:
 async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str | None = None,
                          workers: int | str | None = None, use_cache: bool = True,
                          concurrency: int = 1, progress: SweepProgress | None = None,
-                         on_done: Callable[[PlanCase], None] | None = None) -> None:
-    """Simulate every planned case (`case.run` set) inside the caller's Ray session, at most
-    `concurrency` at once (each plan starts its own rank actors, which take a share of the
-    CPUs; the shared cache dir is reused by all), and write each to plans_dir/<plan_id>. A
-    ConfigError raised while simulating skips the case; any other error marks it failed and the
-    sweep goes on."""
-    from simdist.coordinator import simulate_async
+                         on_done: Callable[[PlanCase], None] | None = None) -> dict[str, Any]:
+    """Simulate every planned case (`case.run` set), at most `concurrency` at once, on one Ray
+    session and one set of rank actors (coordinator.SharedWorkers: Ray starts only if some plan
+    has something to execute, actors stay warm from plan to plan; the cache dir is shared by
+    all), and write each to plans_dir/<plan_id>. A ConfigError raised while simulating skips
+    the case; any other error marks it failed and the sweep goes on. Returns what the session
+    started: {ray: bool, actors_started: int}."""
+    from simdist.coordinator import SharedWorkers, simulate_async
     from simdist.errors import one_line, root_cause
 
     sem = asyncio.Semaphore(max(1, concurrency))
+    shared = SharedWorkers(address)
 
     async def one(case: PlanCase) -> None:
         async with sem:
             try:
                 plan = await simulate_async(case.run, workers=workers, use_cache=use_cache,
-                                            address=address)
+                                            address=address, shared=shared)
             except Exception as e:  # noqa: BLE001 - one plan's failure is that plan's row
                 cause, _ = root_cause(e)
                 if isinstance(cause, ConfigError):
@@ -293,7 +295,12 @@ async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str
             if on_done is not None:
                 on_done(case)
 
-    await asyncio.gather(*(one(c) for c in cases if c.run is not None))
+    try:
+        await asyncio.gather(*(one(c) for c in cases if c.run is not None))
+    finally:
+        started = dict(ray=shared.ray_started, actors_started=shared.started)
+        shared.close()
+    return started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,13 +431,11 @@ def run_sweep(config: str | Path | dict, grid_texts: list[str], overrides: list[
     try:
         plans_dir = tmp / PLANS_DIR
         plans_dir.mkdir()
+        session = dict(ray=False, actors_started=0)
         if any(c.run is not None for c in cases):
-            from simdist.coordinator import ray_session
-
-            with ray_session(address):
-                asyncio.run(simulate_cases(cases, plans_dir, address=address, workers=workers,
-                                           use_cache=use_cache, concurrency=concurrency,
-                                           progress=bar))
+            session = asyncio.run(simulate_cases(cases, plans_dir, address=address,
+                                                 workers=workers, use_cache=use_cache,
+                                                 concurrency=concurrency, progress=bar))
         bar.close()
         rows = ranked([case_row(c) for c in cases])
         write_rows(tmp, sorted(rows, key=lambda r: r["plan_id"]), keys, dict(
@@ -438,7 +443,7 @@ def run_sweep(config: str | Path | dict, grid_texts: list[str], overrides: list[
             overrides=list(overrides), grid=grid, plans=len(cases),
             simulated=sum(r["status"] == "simulated" for r in rows),
             skipped=sum(r["status"] == "skipped" for r in rows),
-            failed=sum(r["status"] == "failed" for r in rows),
+            failed=sum(r["status"] == "failed" for r in rows), **session,
             wall_s=time.perf_counter() - t0))
         from simdist.report import write_report_or_warn
 

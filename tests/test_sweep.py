@@ -64,30 +64,71 @@ def sweep(tmp_path_factory):
 
     from simdist.sweep import run_sweep
 
-    calls = []
-    real_init = ray.init
+    import simdist.workers.pool as pool
+
+    calls, actors = [], []
+    real_init, real_start = ray.init, pool.start_workers
 
     def counting_init(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         calls.append(kw.get("address"))
         return real_init(*a, **kw)
 
-    out = tmp_path_factory.mktemp("sweep") / "out"
-    ray.init = counting_init
+    def counting_start(n):  # noqa: ANN001, ANN202
+        actors.append(n)
+        return real_start(n)
+
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "out"
+    # a cache of its own: the first sweep executes whatever other tests stored
+    sets = [f"cluster.price_per_gpu_hour={PRICE}", f"simulation.cache_dir={root / 'cache'}"]
+    ray.init, pool.start_workers = counting_init, counting_start
     try:
-        res = run_sweep(str(QUICKSTART), GRID, [f"cluster.price_per_gpu_hour={PRICE}"], out,
-                        progress=False)
+        res = run_sweep(str(QUICKSTART), GRID, sets, out, progress=False)
     finally:
-        ray.init = real_init
-    return res, calls
+        ray.init, pool.start_workers = real_init, real_start
+    return res, (calls, actors)
 
 
-def test_sweep_is_one_ray_session(sweep):
-    _, calls = sweep
+def test_sweep_is_one_ray_session_and_one_set_of_actors(sweep):
+    res, (calls, actors), *_ = sweep
     assert calls == ["local"]
+    # 4 plans simulated, each wanting up to one actor per CPU: started once, then kept warm
+    import os
+
+    assert sum(actors) <= (os.cpu_count() or 1)
+    mark = json.loads((res.out / "sweep.json").read_text())
+    assert mark["ray"] is True and mark["actors_started"] == sum(actors)
+
+
+def test_a_warm_sweep_starts_no_ray(tmp_path, monkeypatch):
+    """A sweep run again finds every plan in the layer store (6 layers: the layer memo applies;
+    the quickstart's 4 execute in full and store nothing): each rebuilds in the driver, so the
+    sweep starts neither Ray nor an actor, and its rows are the cold sweep's."""
+    import simdist.coordinator as coordinator
+    import simdist.workers.pool as pool
+    from simdist.sweep import run_sweep
+
+    sets = ["model.n_layers=6", f"simulation.cache_dir={tmp_path / 'cache'}"]
+    grid = ["training.micro_batch=1"]  # one plan: what a warm sweep starts, not how many
+    cold = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "cold", progress=False)
+
+    def refuse(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a warm sweep started Ray or an actor")
+
+    monkeypatch.setattr(coordinator, "ray_session", refuse)
+    monkeypatch.setattr(pool, "start_workers", refuse)
+    warm = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "warm", progress=False)
+    mark = json.loads((warm.out / "sweep.json").read_text())
+    assert (mark["simulated"], mark["ray"], mark["actors_started"]) == (1, False, 0)
+    a = pq.read_table(cold.out / "sweep.parquet").to_pylist()
+    b = pq.read_table(warm.out / "sweep.parquet").to_pylist()
+    for x, y in zip(a, b):
+        for k in ("status", "fits", "peak_bytes_max", "step_time_s", "tokens_per_s"):
+            assert x[k] == pytest.approx(y[k], rel=1e-12), k
 
 
 def test_sweep_parquet_one_row_per_combination(sweep):
-    res, _ = sweep
+    res, *_ = sweep
     t = pq.read_table(res.out / "sweep.parquet")
     assert t.num_rows == 6
     names = t.column_names
@@ -111,7 +152,7 @@ def test_sweep_parquet_one_row_per_combination(sweep):
 
 
 def test_sweep_rows_are_their_run_directories(sweep):
-    res, _ = sweep
+    res, *_ = sweep
     for r in pq.read_table(res.out / "sweep.parquet").to_pylist():
         if r["status"] != "simulated":
             continue
@@ -127,7 +168,7 @@ def test_sweep_rows_are_their_run_directories(sweep):
 
 
 def test_sweep_ranking(sweep):
-    res, _ = sweep
+    res, *_ = sweep
     rows = res.rows  # ranked
     assert [r["order"] for r in rows] == list(range(1, 7))
     simulated = [r for r in rows if r["status"] == "simulated"]
@@ -141,7 +182,7 @@ def test_sweep_ranking(sweep):
 
 
 def test_sweep_cli_progress_table_and_replacing_a_sweep_dir(sweep, tmp_path):
-    res, _ = sweep
+    res, *_ = sweep
     out = tmp_path / "again"
     shutil.copytree(res.out, out)  # a previous sweep directory: replaced whole
     (out / "plans" / "0" / "extra.txt").write_text("old")
@@ -181,7 +222,7 @@ def test_sweep_cli_bad_grid_exits_2(tmp_path):
 def test_compare_two_runs(sweep, tmp_path, capsys):
     from simdist.cli import main
 
-    res, _ = sweep
+    res, *_ = sweep
     rows = {(r["parallel.tp"], r["training.activation_checkpointing"]): r for r in res.rows}
     a, b = (str(res.out / rows[k]["run_dir"]) for k in ((1, "none"), (2, "full")))
     page = tmp_path / "cmp.html"
@@ -205,7 +246,7 @@ def test_compare_two_runs(sweep, tmp_path, capsys):
 def test_compare_bad_input_exits_2(sweep, tmp_path, capsys):
     from simdist.cli import main
 
-    res, _ = sweep
+    res, *_ = sweep
     run = str(res.out / "plans" / "0")
     assert main(["compare", run, str(tmp_path)]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
@@ -234,7 +275,7 @@ LIMIT 3
 
 def test_readme_duckdb_query(sweep):
     duckdb = pytest.importorskip("duckdb")
-    res, _ = sweep
+    res, *_ = sweep
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert README_QUERY.strip().replace("{dir}", "runs/sweep") in readme
     got = duckdb.sql(README_QUERY.format(dir=res.out)).fetchall()

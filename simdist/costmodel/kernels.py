@@ -84,6 +84,11 @@ _COMM_NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd", "_d
 _NAMESPACES = _COMM_NAMESPACES | {"aten", "prims", "simdist", "fsdp"}
 
 
+# The classes whose peak or launch count the loop in kernel_times reads from the shapes.
+_SHAPE_PRICED = frozenset({OpClass.GEMM, OpClass.ATTENTION_FWD, OpClass.ATTENTION_BWD,
+                           OpClass.FOREACH})
+
+
 def _split(op: str) -> tuple[str, str]:
     """(namespace, name) of an op name as recorded ("mm", "aten.mm", "simdist.fused_rms_norm")."""
     parts = str(op).split(".")
@@ -260,8 +265,16 @@ def kernel_times(ops: pa.Table | Mapping[str, Sequence], gpu: GPUSpec, calib: Ca
     peak = np.full(n, float(gpu.fp32_flops))  # vector units unless a matmul class says otherwise
     launches = np.ones(n)
     sms, tile, splitk = cal.sm_count(g), cal.gemm_tile(g), cal.gemm_splitk_min_k(g)
+    # A row's peak and launches depend on its op and shapes alone: rows repeating them (the
+    # same op of every layer) are priced from the first.
+    priced: dict[tuple[str, str], int] = {}
     for i, (cls, op, shapes) in enumerate(zip(classes, c["op"], c["shapes"])):
-        if cls in (OpClass.GEMM, OpClass.ATTENTION_FWD, OpClass.ATTENTION_BWD):
+        if cls not in _SHAPE_PRICED:
+            continue
+        first = priced.setdefault((op, shapes), i)
+        if first != i:
+            peak[i], launches[i] = peak[first], launches[first]
+        elif cls in (OpClass.GEMM, OpClass.ATTENTION_FWD, OpClass.ATTENTION_BWD):
             parsed = _parse(shapes)
             dt = parsed[0][1] if parsed else ""
             p = gpu.flops_for(dt) if dt in _MATMUL_DTYPES else default_peak

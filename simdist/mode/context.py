@@ -97,6 +97,9 @@ class StepContext:
         # stream that the op and collective recorders notify (None: not recorded).
         self.stream = "compute"
         self.kernels: Any = None
+        # Work done for a module outside its forward and backward (a pipeline schedule's FSDP
+        # unshard of a stage's blocks): the module it is for (mode/pipeline.py).
+        self._on_behalf: list[str] = []
 
     @contextlib.contextmanager
     def in_phase(self, phase: str, weight: int = 1) -> Iterator[None]:
@@ -115,8 +118,22 @@ class StepContext:
         finally:
             self.stream = prev
 
+    @contextlib.contextmanager
+    def for_module(self, fqn: str) -> Iterator[None]:
+        """Ops issued inside, where no module runs, are attributed to module `fqn`."""
+        self._on_behalf.append(fqn)
+        try:
+            yield
+        finally:
+            self._on_behalf.pop()
+
     def module(self) -> str:
-        """Innermost module FQN that is running (forward or backward)."""
+        """Innermost module FQN that is running (forward or backward); outside every module,
+        the one `for_module` names, if any."""
+        fqn = self._running_module()
+        return self._on_behalf[-1] if not fqn and self._on_behalf else fqn
+
+    def _running_module(self) -> str:
         parents = getattr(self.mod_tracker, "parents", None)
         if not parents:
             return ""

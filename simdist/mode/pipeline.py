@@ -89,6 +89,45 @@ def _action_boundaries(ctx: StepContext) -> Iterator[None]:
         torch_schedules.record_function = original
 
 
+class _WaitFor:
+    """An FSDP unshard handle whose wait (the copy-out of the gathered parameters) is recorded
+    for the module the unshard is for."""
+
+    def __init__(self, handle: Any, ctx: StepContext, fqn: str) -> None:
+        self._handle, self._ctx, self._fqn = handle, ctx, fqn
+
+    def wait(self) -> None:
+        with self._ctx.for_module(self._fqn):
+            self._handle.wait()
+
+
+@contextlib.contextmanager
+def _unshards_by_module(ctx: StepContext, parts: list[tuple[int, nn.Module]]) -> Iterator[None]:
+    """The runtime schedules' UNSHARD action calls `unshard(async_op=True)` on every FSDP module
+    of a stage, outside any module's forward, and waits on the handles before the stage's first
+    compute: without a running module those all-gathers and copy-outs would be the root's,
+    although each is one block's. While the step runs, each is recorded for the module it
+    gathers (its FQN in the model, as the module tracker names modules), so a block's
+    unshard is part of that block's events (the layer memo inserts them with the block)."""
+    names = {id(m): name.replace("._checkpoint_wrapped_module", "")
+             for _, module in parts for name, m in module.named_modules()}
+    original = FSDPModule.unshard
+
+    def unshard(self: FSDPModule, async_op: bool = False) -> Any:
+        fqn = names.get(id(self), "")
+        if not fqn or ctx.module():  # the root's own, or inside a module: as recorded
+            return original(self, async_op=async_op)
+        with ctx.for_module(fqn):
+            handle = original(self, async_op=async_op)
+        return _WaitFor(handle, ctx, fqn) if handle is not None else None
+
+    FSDPModule.unshard = unshard
+    try:
+        yield
+    finally:
+        FSDPModule.unshard = original
+
+
 def build_stages(parts: list[tuple[int, nn.Module]], num_stages: int, group: Any,
                  batch: int, seq_len: int, fake_mode: FakeTensorMode, ctx: StepContext,
                  dtype: torch.dtype, seq_shards: int = 1) -> list[PipelineStage]:
@@ -177,7 +216,8 @@ def run_pipeline_step(
             args = (torch.randint(0, vocab_size, (batch * num_microbatches, seq_len)),) if first else ()
             # chunked on dim 0 by the schedule; loss_fn handles GPT's seq-first logits
             kwargs = {"target": torch.randint(0, vocab_size, (batch * num_microbatches, seq_len))} if last else {}
-        with ctx.in_phase("bwd"), mem.saved_tensors_hooks(), _action_boundaries(ctx):
+        with (ctx.in_phase("bwd"), mem.saved_tensors_hooks(), _action_boundaries(ctx),
+              _unshards_by_module(ctx, parts)):
             schedule.step(*args, return_outputs=False, **kwargs)
         return num_microbatches
 

@@ -69,10 +69,13 @@ class ActorPool:
     """Feeds the rank actors, one call per actor at a time. Waiting calls are taken most
     expensive first (blocks to execute; memo builds, which complete a rank, before anything):
     a free actor takes the longest waiting execution, so short ones fill the gaps at the end
-    instead of a long one running alone last. Call `close` when done."""
+    instead of a long one running alone last. Call `close` when done; it ends the actors
+    unless they are not the pool's own (`owned=False`: a sweep's warm actors, which it ends)."""
 
-    def __init__(self, actors: list, timeout_s: float, run_cache: Any = None) -> None:
-        self.actors = actors
+    def __init__(self, actors: list, timeout_s: float, run_cache: Any = None,
+                 owned: bool = True) -> None:
+        self.actors = list(actors)
+        self._owned = owned
         self.nodes: set[str] = set()
         self._timeout_s = timeout_s
         self._run_cache = run_cache  # simdist.cache.run.RunCache, or None (--no-cache)
@@ -159,6 +162,7 @@ class ActorPool:
             d.cancel()
         await asyncio.gather(*self._drivers, return_exceptions=True)
         self._drivers = []
-        for a in self.actors:
-            ray.kill(a)
+        if self._owned:
+            for a in self.actors:
+                ray.kill(a)
         self.actors = []
