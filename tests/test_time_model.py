@@ -13,8 +13,7 @@ import pytest
 from conftest import simulate_here
 from simdist.costmodel import gpu_spec
 from simdist.costmodel.calibration import default_calibration
-from simdist.costmodel.collectives import Placement, collective_times
-from simdist.costmodel.kernels import kernel_times
+from simdist.costmodel.collectives import collective_times
 
 CAL = default_calibration()
 

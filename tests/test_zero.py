@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_rank, spec
 
-from simdist.families import build_model, count_params
+from simdist.families import build_model
 
 EXPECTED = {
     1: lambda psi, n: 4 * psi + 12 * psi // n,
