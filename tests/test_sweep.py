@@ -122,8 +122,9 @@ def test_a_warm_sweep_starts_no_ray(tmp_path, monkeypatch):
     assert (mark["simulated"], mark["ray"], mark["actors_started"]) == (1, False, 0)
     a = pq.read_table(cold.out / "sweep.parquet").to_pylist()
     b = pq.read_table(warm.out / "sweep.parquet").to_pylist()
-    for x, y in zip(a, b):
-        for k in ("status", "fits", "peak_bytes_max", "step_time_s", "tokens_per_s"):
+    for x, y in zip(a, b, strict=True):
+        assert (x["status"], x["fits"]) == (y["status"], y["fits"])
+        for k in ("peak_bytes_max", "step_time_s", "tokens_per_s"):
             assert x[k] == pytest.approx(y[k], rel=1e-12), k
 
 
