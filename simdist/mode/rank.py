@@ -111,9 +111,9 @@ def _run_rank_step(task: RankTask, inputs: StepInputs, share_meshes: bool) -> di
             if par.zero_stage in (1, 2):
                 optimizer = ZeroOptimizer(
                     [p for p in model.parameters() if p.requires_grad],
-                    mesh["dp_shard"].get_group(), par.zero_stage,
+                    mesh["dp_shard"].get_group(), par.zero_stage, model,
                     overlap_grad_reduce=par.zero_overlap_grad_reduce,
-                    overlap_param_gather=par.zero_overlap_param_gather, model=model,
+                    overlap_param_gather=par.zero_overlap_param_gather,
                     grad_dtype=(torch.float32 if par.zero_grad_dtype == "fp32" else None))
             else:
                 optimizer = make_optimizer(model, training.optimizer)

@@ -63,8 +63,8 @@ class Bucket:
 
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, stage: int,
-                 lr: float = 1e-4, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False, model: nn.Module | None = None,
+                 model: nn.Module, lr: float = 1e-4, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False,
                  grad_dtype: torch.dtype | None = None) -> None:
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer is for stages 1 and 2, not {stage}")
@@ -107,16 +107,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._gathered: dict[int, torch.Tensor] = {}  # bucket -> all-gathered, not copied out
         self.gather_in_forward = overlap_param_gather
         if overlap_param_gather:
-            if model is None:
-                raise ValueError("overlap_param_gather needs the model (its forward pre-hooks)")
             self._register_gather_hooks()
 
-    def _units(self, model: nn.Module | None) -> tuple[list[nn.Module], list[list[int]]]:
+    def _units(self, model: nn.Module) -> tuple[list[nn.Module], list[list[int]]]:
         """The modules a bucket belongs to: each stage root (its parameters outside the blocks)
         followed by its blocks, in forward order; and each unit's parameters, in backward
-        order. Without a model: one unit of every parameter."""
-        if model is None:
-            return [nn.Module()], [list(reversed(range(len(self.model_params))))]
+        order."""
         index = {id(p): i for i, p in enumerate(self.model_params)}
         roots = list(model) if isinstance(model, nn.ModuleList) else [model]
         units = [u for root in roots for u in [root] + [b for _, b in block_items(root)]]
