@@ -24,6 +24,7 @@ from simdist.plan import ClusterPlan, merge
 from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
 from simdist.trace import RankTask, RankTrace
+from simdist.workers.cancel import cancel_and_wait
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None):  # noqa: ANN201
@@ -166,11 +167,11 @@ async def watched(coro: Any, ray_address: str | None) -> Any:
             watch.result()  # raises RayClusterLost
         return run.result()
     finally:
-        watch.cancel()
-        run.cancel()
+        await cancel_and_wait(watch)
         # Let the run finish its own cleanup (the pool kills its actors) before Ray is shut
-        # down, also when this coroutine is cancelled (Ctrl-C, SIGTERM).
-        await asyncio.gather(run, watch, return_exceptions=True)
+        # down, also when this coroutine is cancelled (Ctrl-C, SIGTERM): cancelled once.
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
 
 
 class Phases:
@@ -277,6 +278,10 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
 
     try:
         traces = await asyncio.gather(*(one(t, j) for t, j in zip(tasks, jobs)))
+    except BaseException:
+        if run_cache is not None:  # (`finish` ends it on success)
+            run_cache.abandon()
+        raise
     finally:
         bar.close()
         now = list(pool.actors)

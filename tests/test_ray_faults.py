@@ -167,3 +167,55 @@ def test_killing_the_ray_node_fails_cleanly(tmp_path, victim):
     assert line.startswith(f"simdist: Ray failed: the local Ray's {victim} (pid {target.pid}) "
                            "died during the run"), line
     assert not (tmp_path / "run").exists()
+
+
+def _ray_processes_of_this_node(name: str) -> int:
+    """Worker processes called `ray::<name>` whose parent is this driver's raylet."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        n += ppid == raylet and cmd.startswith(f"ray::{name}".encode())
+    return n
+
+
+def test_actors_that_cannot_start_fail_within_the_bound_naming_why(tmp_path):
+    """Every CPU of the Ray cluster held by another job: the rank actors stay pending. The run
+    fails after one rank_timeout_s, saying the actor never started, and leaves no process of
+    its own behind (the dispatch cache's service is ended too)."""
+    import ray
+
+    from simdist.config import load_config
+    from simdist.coordinator import simulate
+    from simdist.workers.pool import RankTimeout
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    try:
+        hog = ray.remote(num_cpus=1)(type("Hog", (), {"ping": lambda self: 1})).remote()
+        ray.get(hog.ping.remote())
+        cfg = load_config({
+            "model": {"preset": "llama3-debug", "n_layers": 2},
+            "training": {"seq_len": 64, "micro_batch": 1},
+            "parallel": {"dp_shard": 2},
+            "cluster": {"gpu": "h100-sxm", "gpus_per_node": 2, "nodes": 1},
+            "simulation": {"rank_timeout_s": 5, "cache_dir": str(tmp_path / "cache")},
+        })
+        t0 = time.monotonic()
+        with pytest.raises(RankTimeout) as err:
+            simulate(cfg)
+        elapsed = time.monotonic() - t0
+        time.sleep(1.0)  # ray.kill is asynchronous
+        left = _ray_processes_of_this_node("CacheService")
+    finally:
+        ray.shutdown()
+    assert elapsed < 30, elapsed
+    assert not err.value.started
+    assert "actor did not start within simulation.rank_timeout_s = 5 s" in str(err.value)
+    assert left == 0

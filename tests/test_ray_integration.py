@@ -212,9 +212,6 @@ def test_layer_memo_through_the_actor_pool_and_rebuilt_equals_full_execution(loc
                 assert all(_same_row(x, y) for x, y in zip(ours, theirs)), f"{name}, {cls}"
 
 
-# slow: in a clean venv's full default run (after the sweep and fault tests on the shared Ray
-# session) it once waited past rank_timeout_s with no actor alive; alone it passes in 28 s.
-@pytest.mark.slow
 def test_pipeline_memo_through_the_actor_pool_and_rebuilt_equals_full_execution(local_ray,
                                                                                   tmp_path):
     # Interleaved 1F1B over 2 pipeline ranks (4 stages of 1 block: no layer memo), 18

@@ -202,6 +202,14 @@ class RunCache:
         if delta.entries.num_rows or delta.costs.num_rows or delta.used:
             self._pending.append(self.service.merge.remote(delta.entries, delta.costs, delta.used))
 
+    def abandon(self) -> None:
+        """End the service without writing the store back: the run failed or was stopped (a
+        service left alive keeps its process, and the store it loaded, until Ray shuts down)."""
+        import ray
+
+        if not isinstance(self.service, _InDriver):
+            ray.kill(self.service)
+
     async def finish(self, traces: list) -> dict[str, Any]:
         import ray
 

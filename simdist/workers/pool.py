@@ -14,6 +14,7 @@ from simdist.mode.layer_memo import rank_blocks
 from simdist.trace import StepStreams
 from simdist.trace import RankTask, SymbolicDim
 from simdist.workers.actor import RankWorker
+from simdist.workers.cancel import cancel_and_wait
 
 def pool_size(requested: int | str | None, num_tasks: int) -> int:
     """`auto`: one actor per CPU of the cluster, never more actors than calls that can run at
@@ -49,12 +50,16 @@ def start_workers(n: int) -> list:
 class RankTimeout(TimeoutError):
     """A rank's simulation call ran past `simulation.rank_timeout_s`."""
 
-    def __init__(self, rank: int | None, timeout_s: float) -> None:
-        super().__init__(rank, timeout_s)
-        self.rank, self.timeout_s = rank, timeout_s
+    def __init__(self, rank: int | None, timeout_s: float, started: bool = True) -> None:
+        super().__init__(rank, timeout_s, started)
+        self.rank, self.timeout_s, self.started = rank, timeout_s, started
 
     def __str__(self) -> str:
         who = f"rank {self.rank}" if self.rank is not None else "a rank"
+        if not self.started:  # the call never ran: Ray could not place or start the actor
+            return (f"{who}'s Ray actor did not start within simulation.rank_timeout_s = "
+                    f"{self.timeout_s:g} s (no free CPU on the Ray cluster? lower "
+                    "simulation.workers, or end the Ray jobs holding its CPUs)")
         return (f"{who} did not finish within simulation.rank_timeout_s = {self.timeout_s:g} s "
                 "(raise it, or check the Ray cluster's health)")
 
@@ -79,6 +84,8 @@ class ActorPool:
         self.nodes: set[str] = set()
         self._timeout_s = timeout_s
         self._run_cache = run_cache  # simdist.cache.run.RunCache, or None (--no-cache)
+        # each actor's start, to tell a call that never ran from one that ran too long
+        self._ready = {id(a): a.__ray_ready__.remote() for a in self.actors}
         self._queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self._seq = itertools.count()  # equal priority: first come, first served
         self._drivers = [asyncio.create_task(self._drive(a)) for a in actors]
@@ -123,7 +130,8 @@ class ActorPool:
                 result = await asyncio.wait_for(self._call(actor, call), self._timeout_s)
             except asyncio.TimeoutError:  # its str() is empty: say which rank and which key
                 if not fut.done():
-                    fut.set_exception(RankTimeout(_call_rank(call), self._timeout_s))
+                    fut.set_exception(RankTimeout(_call_rank(call), self._timeout_s,
+                                                  started=self._started(actor)))
                 # The actor is still busy with the call (an actor runs its calls one at a
                 # time): every later call would queue behind it. Replace it.
                 actor = self._replace(actor)
@@ -134,10 +142,16 @@ class ActorPool:
                 if not fut.done():
                     fut.set_result(result)
 
+    def _started(self, actor: Any) -> bool:
+        ref = self._ready.get(id(actor))
+        return ref is None or bool(ray.wait([ref], timeout=0)[0])
+
     def _replace(self, actor: Any) -> Any:
         ray.kill(actor, no_restart=True)
         new = start_workers(1)[0]
         self.actors = [new if a is actor else a for a in self.actors]
+        self._ready.pop(id(actor), None)
+        self._ready[id(new)] = new.__ray_ready__.remote()
         return new
 
     async def _call(self, actor: Any, call: tuple) -> Any:
@@ -158,9 +172,7 @@ class ActorPool:
         """Stop feeding and end the actors now: their drivers hold the pool in a reference
         cycle, and an actor left for the garbage collector keeps its CPU from the next run's
         actors (measured: the next run's actors started 15 s late)."""
-        for d in self._drivers:
-            d.cancel()
-        await asyncio.gather(*self._drivers, return_exceptions=True)
+        await cancel_and_wait(*self._drivers)
         self._drivers = []
         if self._owned:
             for a in self.actors:
