@@ -19,7 +19,8 @@ import torch
 import simdist
 from simdist.calibrate import calibration_for
 from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
-from simdist.memo import MemoJob, PipelineJob, executions, open_memo, simulate_task
+from simdist.memo import (LayeredPipelineJob, MemoJob, PipelineJob, executions, open_memo,
+                          simulate_task)
 from simdist.plan import ClusterPlan, merge
 from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
@@ -218,12 +219,13 @@ class Progress:
                 self._phases.console = None
 
 
-def nothing_to_execute(jobs: list[MemoJob | None]) -> bool:
+def nothing_to_execute(jobs: list[MemoJob | PipelineJob | LayeredPipelineJob | None]) -> bool:
     """Every rank is rebuilt from the layer store: no execution, so no Ray and no actor."""
     return all(j is not None for j in jobs) and sum(executions(j) for j in jobs) == 0
 
 
-async def build_in_driver(tasks: list[RankTask], jobs: list[MemoJob | PipelineJob]
+async def build_in_driver(tasks: list[RankTask],
+                          jobs: list[MemoJob | PipelineJob | LayeredPipelineJob]
                           ) -> list[RankTrace]:
     """Every rank rebuilt from its stored model here, one after another, by the memo protocol on
     a pool that has nothing to execute (a build is pure Python on the stored events: threads

@@ -5,8 +5,11 @@
 - the pipeline memo (mode/pipeline_memo.py): a pipeline step of N micro-batches is executed
   with a few, fitted, verified on a longer count and rebuilt for N (`PipelineJob`).
 
-They compose: the layer memo's short steps are pipeline steps of N micro-batches, each obtained
-through the pipeline memo (the first, shortest one verified); a rank too shallow for the layer
+They compose layer memo first (`LayeredPipelineJob`): at each of the few micro-batch counts the
+pipeline memo executes, the step of full depth is rebuilt by the layer memo from its 2-, 3- and
+4-block steps; the pipeline memo fits those steps and rebuilds the rank's own count. So every
+fit reads steps of a few blocks or a few micro-batches, never of the rank's count (fitting the
+layer memo to steps of N micro-batches made it grow with N). A rank too shallow for the layer
 memo goes through the pipeline memo alone. Fitted models are kept in the layer store
 (cache/layers.py) for later runs. `simulate_task` runs the protocol on any pool with `execute`
 and `build` (workers/pool.py: the Ray actors of a real run; workers/local.py: this process, for
@@ -37,7 +40,7 @@ class BuildResult:
     trace: RankTrace | None  # None: the executions do not fit the memo's model (or `streams`)
     parts: dict | None  # what to store (None: nothing new)
     seconds: float
-    # A pipeline job for a layer memo's short step answers its rebuilt streams instead.
+    # A layer memo job for one of a LayeredPipelineJob's steps answers its streams instead.
     streams: StepStreams | None = None
 
 
@@ -55,13 +58,12 @@ class PipelineKey(NamedTuple):
 class PipelineJob:
     """One pipeline step (`task`, of N micro-batches) through the pipeline memo. `stored`: its
     model as the layer store holds it (None: not stored yet; {"fallback": True}: known not to
-    fit). `streams_only`: the step is a layer memo's short step (the build answers streams)."""
+    fit)."""
     task: RankTask
     shape: PipelineShape
     counts: MemoCounts
     key: str
     stored: dict | None
-    streams_only: bool = False
 
     @property
     def fallback(self) -> bool:
@@ -83,11 +85,9 @@ class PipelineJob:
         and verified on the longer one."""
         t0 = time.perf_counter()
         streams, parts = self._streams(runs)
-        trace = None
-        if streams is not None and not self.streams_only:
-            trace = RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
-            streams = None
-        return BuildResult(trace, parts, time.perf_counter() - t0, streams)
+        trace = (RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
+                 if streams is not None else None)
+        return BuildResult(trace, parts, time.perf_counter() - t0)
 
     def _streams(self, runs: list[StepStreams]) -> tuple[StepStreams | None, dict | None]:
         if self.fallback:
@@ -98,8 +98,7 @@ class PipelineJob:
                 model = PipelineModel.from_parts(self.stored)
             else:
                 model = fit_pipeline_model(self.shape, list(zip(self.counts.fit, runs)))
-                if self.counts.verify is not None and not same_streams(
-                        model.streams(self.counts.verify), runs[2]):
+                if not same_streams(model.streams(self.counts.verify), runs[2]):
                     raise FitError(f"the step of {self.counts.verify} micro-batches is not "
                                    "the one the model rebuilds")
                 parts = model.to_parts()
@@ -119,20 +118,19 @@ def pipeline_shape(task: RankTask) -> PipelineShape | None:
     return PipelineShape(par.pp_schedule, par.pp, par.stages, task.layout.coords(task.rank)["pp"])
 
 
-def open_pipeline(task: RankTask, verify: bool = True,
-                  streams_only: bool = False) -> PipelineJob | None:
+def open_pipeline(task: RankTask) -> PipelineJob | None:
     """The pipeline memo job for `task`, its model looked up in the layer store; None where the
     memo is off or does not apply (execute in full)."""
     shape = pipeline_shape(task) if task.pipeline_memo else None
-    counts = memo_counts(shape, task.num_microbatches, verify) if shape is not None else None
+    counts = memo_counts(shape, task.num_microbatches) if shape is not None else None
     if counts is None:
         return None
     store = _store(task)
     if store is None:
-        return PipelineJob(task, shape, counts, "", None, streams_only)
+        return PipelineJob(task, shape, counts, "", None)
     key = store.key(PipelineKey(PIPELINE_FORMAT, replace(task, num_microbatches=0,
                                                          layer_cache_dir=None), counts))
-    return PipelineJob(task, shape, counts, key, store.get(key), streams_only)
+    return PipelineJob(task, shape, counts, key, store.get(key))
 
 
 def _pipeline_status(task: RankTask, statuses: list[str]) -> str:
@@ -150,14 +148,14 @@ def _pipeline_status(task: RankTask, statuses: list[str]) -> str:
 @dataclass(frozen=True)
 class MemoJob:
     """One rank through the layer memo. `stored`: its model as the layer store holds it (None:
-    not stored yet; {"fallback": True}: known not to fit). `pipelines`: how each short step is
-    obtained (a pipeline job, or None: executed). Picklable: the coordinator opens the job where
-    the store is (the driver) and has an actor `build` it."""
+    not stored yet; {"fallback": True}: known not to fit). `streams_only`: the step is one of a
+    LayeredPipelineJob's few-micro-batch steps (the build answers its streams). Picklable: the
+    coordinator opens the job where the store is (the driver) and has an actor `build` it."""
     task: RankTask
     shape: MemoShape
     key: str  # in the layer store ("" without one)
     stored: dict | None
-    pipelines: tuple[PipelineJob | None, ...] = ()
+    streams_only: bool = False
 
     @property
     def fallback(self) -> bool:
@@ -170,18 +168,17 @@ class MemoJob:
             return []
         return _short_tasks(self.task, self.shape)
 
-    def short_jobs(self) -> list[tuple[RankTask, PipelineJob | None]]:
-        """Each short step with its pipeline job (None: executed as it is)."""
-        tasks = self.short_tasks()
-        return list(zip(tasks, self.pipelines or (None,) * len(tasks)))
-
     def build(self, runs: list[StepStreams]) -> BuildResult:
         """The rank rebuilt from the stored model (no `runs`) or fitted to the short steps."""
         t0 = time.perf_counter()
-        trace, parts = self._build(runs)
-        return BuildResult(trace, parts, time.perf_counter() - t0)
+        streams, parts = self._streams(runs)
+        trace = None
+        if streams is not None and not self.streams_only:
+            trace = RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
+            streams = None
+        return BuildResult(trace, parts, time.perf_counter() - t0, streams)
 
-    def _build(self, runs: list[StepStreams]) -> tuple[RankTrace | None, dict | None]:
+    def _streams(self, runs: list[StepStreams]) -> tuple[StepStreams | None, dict | None]:
         if self.fallback:
             return None, None
         if self.stored is not None:
@@ -192,16 +189,34 @@ class MemoJob:
                 return None, {"fallback": True}
             # Stored only where another plan of this key can relabel it exactly.
             parts = model.to_parts() if groups_relabellable(runs[0], self.task) else None
-        fields = summarize(relabel_groups(model.streams(self.shape), self.task))
-        return RankTrace(rank=self.task.rank, wall_s=0.0, **fields), parts
+        return relabel_groups(model.streams(self.shape), self.task), parts
 
     @property
     def executions(self) -> int:
-        """Executions this rank needs: the memo's short steps (or their pipeline memo's), one in
-        full (known not to fit), or none (its model is stored)."""
-        if self.fallback:
-            return 1
-        return sum(1 if j is None else j.executions for _, j in self.short_jobs())
+        """Executions this rank needs: the memo's short steps, one in full (known not to fit),
+        or none (its model is stored)."""
+        return 1 if self.fallback else len(self.short_tasks())
+
+
+@dataclass(frozen=True)
+class LayeredPipelineJob:
+    """A pipelined rank whose stages hold identical blocks, through both memos: `layers` rebuild
+    the full-depth step at each of the pipeline memo's counts (in `pipeline.counts.all()`
+    order; none when `pipeline` is stored), `pipeline` fits those steps and rebuilds the rank's
+    count."""
+    pipeline: PipelineJob
+    shape: MemoShape
+    layers: tuple[MemoJob, ...]
+
+    @property
+    def task(self) -> RankTask:
+        return self.pipeline.task
+
+    @property
+    def executions(self) -> int:
+        if self.pipeline.stored is not None:
+            return 1 if self.pipeline.fallback else 0
+        return sum(j.executions for j in self.layers)
 
 
 def _short_tasks(task: RankTask, shape: MemoShape) -> list[RankTask]:
@@ -219,19 +234,27 @@ def memo_key(task: RankTask) -> tuple[MemoShape, str] | None:
                    if store is not None else "")
 
 
-def open_memo(task: RankTask) -> MemoJob | PipelineJob | None:
-    """The memo job for `task`, its models looked up in the layer store: the layer memo's (its
-    short steps through the pipeline memo where that applies), else the pipeline memo's; None
-    where neither applies (execute in full)."""
+def open_memo(task: RankTask) -> MemoJob | PipelineJob | LayeredPipelineJob | None:
+    """The memo job for `task`, its models looked up in the layer store: both memos where both
+    apply, else the one that does; None where neither applies (execute in full)."""
     found = memo_key(task)
+    pipeline = open_pipeline(task)
     if found is None:
-        return open_pipeline(task)
-    shape, key = found
+        return pipeline
+    if pipeline is None:
+        return _layer_job(task, *found)
+    layers = () if pipeline.stored is not None else tuple(
+        _layer_job(t, *memo_key(t), streams_only=True)
+        for t in (replace(task, num_microbatches=n) for n in pipeline.counts.all()))
+    return LayeredPipelineJob(pipeline, found[0], layers)
+
+
+def _layer_job(task: RankTask, shape: MemoShape, key: str, streams_only: bool = False) -> MemoJob:
     stored = _store(task).get(key) if key else None
-    pipelines = () if stored is not None else tuple(
-        open_pipeline(t, verify=i == 0, streams_only=True)  # verified on the shortest
-        for i, t in enumerate(_short_tasks(task, shape)))
-    return MemoJob(task, shape, key, stored, pipelines)
+    if streams_only and stored is not None and "short.boundaries" not in stored \
+            and not stored.get("fallback"):
+        stored = None  # kept before models had boundaries: no steps for a pipeline memo
+    return MemoJob(task, shape, key, stored, streams_only)
 
 
 def store_memo(job: MemoJob | PipelineJob, parts: dict | None) -> None:
@@ -279,72 +302,92 @@ class _Cost:
         return trace
 
 
-async def _through_pipeline(pool: Pool, job: PipelineJob, cost: _Cost) -> BuildResult:
-    """A pipeline job's executions side by side, its build and its store."""
-    executed = list(await asyncio.gather(*(pool.execute(t, keep_streams=True)
-                                           for t in job.short_tasks())))
-    result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(
-        job, [u.streams for u in executed])
+async def _executed_streams(pool: Pool, task: RankTask, cost: _Cost) -> StepStreams:
+    """`task` executed as it is; its streams."""
+    unit = await pool.execute(task, keep_streams=True)
+    streams, unit.streams = unit.streams, None
+    cost.units.append(unit)
+    return streams
+
+
+async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost) -> BuildResult:
+    """A memo job's executions side by side, its build and its store."""
+    runs = list(await asyncio.gather(*(_executed_streams(pool, t, cost)
+                                       for t in job.short_tasks())))
+    result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
     store_memo(job, result.parts)
-    for u in executed:
-        u.streams = None
-    cost.units.extend(executed)
     cost.build_s += result.seconds
-    built = result.trace is not None or result.streams is not None
-    cost.pipelines.append(job.status if built else "fallback")
     return result
 
 
-async def _short_streams(pool: Pool, task: RankTask, job: PipelineJob | None,
-                         cost: _Cost) -> StepStreams:
-    """A layer memo's short step: through its pipeline job, executed where that falls back or
-    where there is none."""
-    if job is not None:
-        result = await _through_pipeline(pool, job, cost)
-        if result.streams is not None:
-            return result.streams
-    unit = await pool.execute(task, keep_streams=True)
-    cost.units.append(unit)
-    return unit.streams
+async def _through_pipeline(pool: Pool, job: PipelineJob, runs: list[StepStreams] | None,
+                            cost: _Cost) -> RankTrace | None:
+    """A pipeline job built from `runs` (its counts' steps obtained elsewhere) or from its own
+    executions (None); the trace, or None where the model does not fit."""
+    if runs is None:
+        result = await _memo_build(pool, job, cost)
+    else:
+        result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
+        store_memo(job, result.parts)
+        cost.build_s += result.seconds
+    cost.pipelines.append(job.status if result.trace is not None else "fallback")
+    return result.trace
 
 
 async def _full(pool: Pool, task: RankTask, job: PipelineJob | None, cost: _Cost) -> RankTrace:
     """`task` with all its blocks: through its pipeline job where it has one, executed (every
     micro-batch) where that does not fit or where there is none."""
-    trace = None
-    if job is not None:
-        trace = (await _through_pipeline(pool, job, cost)).trace
-        if trace is not None:
-            trace.blocks_total = rank_blocks(task)
-    if trace is None:
+    trace = await _through_pipeline(pool, job, None, cost) if job is not None else None
+    if trace is not None:
+        trace.blocks_total = rank_blocks(task)
+    else:
         trace = await pool.execute(task)
         cost.units.append(trace)
     trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
     return trace
 
 
-async def simulate_task(pool: Pool, task: RankTask, job: MemoJob | PipelineJob | None) -> RankTrace:
+async def _layered_step(pool: Pool, job: MemoJob, cost: _Cost) -> StepStreams:
+    """The full-depth step at one of a pipeline memo's few counts: through the layer memo,
+    executed where that does not fit."""
+    streams = (await _memo_build(pool, job, cost)).streams
+    return streams if streams is not None else await _executed_streams(pool, job.task, cost)
+
+
+def _memo_status(trace: RankTrace, shape: MemoShape, task: RankTask, cost: _Cost) -> None:
+    trace.layer_memo = "memo" if cost.units else "memo-hit"
+    trace.blocks_total = shape.layers_per_stage * len(shape.stages)
+    trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
+
+
+async def simulate_task(pool: Pool, task: RankTask,
+                        job: MemoJob | PipelineJob | LayeredPipelineJob | None) -> RankTrace:
     """One rank: executed in full (`job` None), or through its memo job — the executions side
     by side, the builds, the store, and a full execution where a memo does not fit."""
     cost = _Cost()
+    if isinstance(job, LayeredPipelineJob):
+        steps = None
+        if job.pipeline.stored is None:
+            steps = list(await asyncio.gather(*(_layered_step(pool, j, cost)
+                                                for j in job.layers)))
+        trace = await _through_pipeline(pool, job.pipeline, steps, cost)
+        if trace is None:  # the few-micro-batch steps do not fit the pipeline memo's model
+            trace = await pool.execute(task)
+            cost.units.append(trace)
+            trace.layer_memo = "fallback"
+            trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
+        else:
+            _memo_status(trace, job.shape, task, cost)
+        return cost.account(trace)
     if not isinstance(job, MemoJob):
         trace = await _full(pool, task, job, cost)
         return trace if job is None else cost.account(trace)
-    short = list(await asyncio.gather(*(_short_streams(pool, t, j, cost)
-                                        for t, j in job.short_jobs())))
-    # (the build needs none of the pipeline jobs, which may carry stored models)
-    result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(
-        replace(job, pipelines=()), short)
-    cost.build_s += result.seconds
-    store_memo(job, result.parts)
-    trace = result.trace
+    trace = (await _memo_build(pool, job, cost)).trace
     if trace is None:  # the short steps do not fit the layer memo's model: all blocks
         trace = await _full(pool, task, open_pipeline(task), cost)
         trace.layer_memo = "fallback"
     else:
-        trace.layer_memo = "memo" if cost.units else "memo-hit"
-        trace.blocks_total = job.shape.layers_per_stage * len(job.shape.stages)
-        trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
+        _memo_status(trace, job.shape, task, cost)
     return cost.account(trace)
 
 

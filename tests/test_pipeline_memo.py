@@ -173,8 +173,8 @@ def test_tp_sp_pipeline_equals_full_execution(schedule: str) -> None:
 
 @pytest.mark.slow
 def test_layer_memo_short_steps_through_the_pipeline_memo_equal_full_execution() -> None:
-    # 5 blocks per stage: the layer memo's 2-, 3- and 4-block steps of 18 micro-batches each
-    # come from the pipeline memo (the 2-block one verified)
+    # 5 blocks per stage: at 3, 4 and 6 micro-batches the layer memo rebuilds the 5-block step
+    # from its 2-, 3- and 4-block ones; the pipeline memo fits those and rebuilds 18
     memo = assert_same(_model(5, 4), pp=2, rank=1, num_microbatches=18,
                        pp_schedule="interleaved_1f1b")
     assert memo.layer_memo == "memo"
@@ -193,3 +193,40 @@ def test_config_key_turns_the_memo_off() -> None:
     with pytest.raises(ConfigError) as info:
         load_config({**base, "simulation": {"pipeline_memo": "sometimes"}})
     assert info.value.key == "simulation.pipeline_memo"
+
+
+def test_layer_memo_first_then_the_pipeline_memo_equals_full_execution(tmp_path) -> None:  # noqa: ANN001
+    """Both memos (simdist/memo.py: LayeredPipelineJob) on a last stage of 5 blocks, GPipe, 20
+    micro-batches: at 4, 5 and 6 micro-batches the 5-block step is rebuilt by the layer memo
+    (its action boundaries too: the pipeline memo cuts the streams there), the pipeline memo
+    fits those and rebuilds 20; a second run reads the model back and executes nothing."""
+    from dataclasses import replace
+
+    from simdist.memo import LayeredPipelineJob, open_memo, simulate_rank
+    from simdist.mode.pipeline_memo import same_streams
+    from simdist.mode.rank import execute_unit
+
+    model = _model(5, 2)
+    kw = dict(pp=2, rank=1, pp_schedule="gpipe", num_microbatches=20)
+    task = make_task(model, seq_len=SEQ, layer_cache_dir=str(tmp_path), **kw)
+    job = open_memo(task)
+    assert isinstance(job, LayeredPipelineJob)
+    assert [j.task.num_microbatches for j in job.layers] == [4, 5, 6]
+    step = job.layers[0]
+    rebuilt = step.build([execute_unit(t, keep_streams=True).streams
+                          for t in step.short_tasks()]).streams
+    executed = execute_unit(replace(step.task, layer_memo=False), keep_streams=True).streams
+    assert same_streams(rebuilt, executed)
+    assert rebuilt.boundaries == executed.boundaries and len(executed.boundaries) > 0
+
+    full = run_rank(model, seq_len=SEQ, pipeline_memo=False, layer_memo=False, **kw)
+    memo = simulate_rank(task)
+    assert (memo.layer_memo, memo.pipeline_memo) == ("memo", "memo")
+    assert open_memo(task).executions == 0
+    warm = simulate_rank(task)
+    assert (warm.layer_memo, warm.pipeline_memo) == ("memo-hit", "memo-hit")
+    for tr in (memo, warm):
+        for f in FIELDS:
+            assert getattr(tr, f) == getattr(full, f), f
+        for table in TABLES:
+            assert getattr(tr, table).equals(getattr(full, table)), table

@@ -34,7 +34,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from simdist.parallel.pipeline import rank_stage_ids, split_layers
-from simdist.trace import SCALARS, STREAMS, OpEvent, OpItem, RankTask, StepStreams, named_event
+from simdist.trace import (SCALARS, STREAMS, Boundary, OpEvent, OpItem, RankTask, StepStreams,
+                           named_event)
 
 BASE_LAYERS = 2  # a: the shortest stage executed; blocks 0 and a-1 stay first and last
 _AFTER = BASE_LAYERS - 2  # new blocks go after this position (before the stage's last block)
@@ -353,6 +354,35 @@ def _repeat_items(items: list, edits: list[_Insert], extra: int) -> list:
     return out
 
 
+def _positions(n: int, edits: list, extra: int) -> tuple[list[int], int]:
+    """Where each of the `n` events of the short stream lands in the stream `extrapolate` makes
+    with `extra` blocks more per stage, and that stream's length (an insertion adds `extra`
+    copies of its segment before the event it is at; an _Inner edit keeps its one event)."""
+    out: list[int] = []
+    shift = cursor = 0
+    for e in edits:
+        out.extend(range(cursor + shift, e.at + shift))
+        cursor = e.at
+        if isinstance(e, _Insert):
+            shift += extra * len(e.segment)
+    out.extend(range(cursor + shift, n + shift))
+    return out, n + shift
+
+
+def extrapolate_boundaries(short: list[Boundary], lengths: dict[str, int],
+                           edits: dict[str, list], extra: int) -> list[Boundary]:
+    """The schedule's action boundaries (indices into the kernel and memory streams) of the step
+    with `extra` blocks more per stage: each stays just after the event it followed."""
+    maps = {n: _positions(lengths[n], edits[n], extra) for n in ("kernels", "memory")}
+
+    def moved(name: str, i: int) -> int:
+        pos, _ = maps[name]
+        return pos[i - 1] + 1 if i > 0 else 0
+
+    return [Boundary(b.label, moved("kernels", b.kernels), moved("memory", b.memory))
+            for b in short]
+
+
 def fit(stream: str, short: list[tuple], longer: list[tuple], longest: list[tuple],
         after: int) -> list:
     """Edits that turn the a-block stream into the (a+1)-block one (block `after + 1` is new),
@@ -373,10 +403,14 @@ class StreamModel:
     edits: dict[str, list]
     scalars: dict[str, int]
     scalar_steps: dict[str, int]
+    # The short step's pipeline action boundaries (none outside pipelines; a model stored
+    # before they were kept has None: it cannot give a pipeline memo its steps).
+    boundaries: list[Boundary] | None = None
 
     def to_parts(self) -> dict[str, Any]:
         """JSON-able parts (the layer store's format, simdist/cache/layers.py)."""
-        parts: dict[str, Any] = {"scalars": self.scalars, "scalar_steps": self.scalar_steps}
+        parts: dict[str, Any] = {"scalars": self.scalars, "scalar_steps": self.scalar_steps,
+                                 "short.boundaries": [list(b) for b in self.boundaries or []]}
         for n in STREAMS:
             parts[f"short.{n}"] = _to_json(self.short[n])
             parts[f"edits.{n}"] = _edits_to_json(self.edits[n])
@@ -384,9 +418,11 @@ class StreamModel:
 
     @classmethod
     def from_parts(cls, parts: dict[str, Any]) -> StreamModel:
+        bounds = parts.get("short.boundaries")
         return cls(short={n: _events_from_json(n, parts[f"short.{n}"]) for n in STREAMS},
                    edits={n: _edits_from_json(n, parts[f"edits.{n}"]) for n in STREAMS},
-                   scalars=parts["scalars"], scalar_steps=parts["scalar_steps"])
+                   scalars=parts["scalars"], scalar_steps=parts["scalar_steps"],
+                   boundaries=None if bounds is None else [Boundary(*b) for b in bounds])
 
     def streams(self, shape: MemoShape) -> StepStreams:
         extra = shape.layers_per_stage - BASE_LAYERS
@@ -396,7 +432,12 @@ class StreamModel:
             events = _moved(name, events, lambda r: _module_name(r, shape))
             setattr(out, name, _waits_within(events) if name == "kernels" else events)
         out.scalars = {k: self.scalars[k] + extra * self.scalar_steps[k] for k in SCALARS}
+        out.boundaries = extrapolate_boundaries(self.boundaries or [], self._lengths(),
+                                                self.edits, extra)
         return out
+
+    def _lengths(self) -> dict[str, int]:
+        return {n: len(self.short[n]) for n in STREAMS}
 
 
 def _to_json(x: Any) -> Any:
@@ -452,4 +493,9 @@ def fit_stream_model(runs: list[StepStreams], blocks: str) -> StreamModel | None
     steps = {k: s1[k] - s0[k] for k in SCALARS}
     if any(s2[k] - s1[k] != steps[k] for k in SCALARS):
         return None
-    return StreamModel(canon[0], edits, dict(s0), steps)
+    model = StreamModel(canon[0], edits, dict(s0), steps, list(runs[0].boundaries))
+    lengths = model._lengths()
+    if any(extrapolate_boundaries(model.boundaries, lengths, edits, i) != list(r.boundaries)
+           for i, r in ((1, runs[1]), (2, runs[2]))):
+        return None
+    return model

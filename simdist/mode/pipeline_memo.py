@@ -105,13 +105,12 @@ def unit_keys(shape: PipelineShape, order: tuple[Act, ...], n: int) -> list[tupl
 
 @dataclass(frozen=True)
 class MemoCounts:
-    """The micro-batch counts the memo executes: two to fit, one longer to verify (None: the
-    model is not verified here, e.g. the layer memo's longer stages, verified on the shortest)."""
+    """The micro-batch counts the memo executes: two to fit, one longer to verify."""
     fit: tuple[int, int]
-    verify: int | None
+    verify: int
 
     def all(self) -> tuple[int, ...]:
-        return self.fit + ((self.verify,) if self.verify is not None else ())
+        return (*self.fit, self.verify)
 
 
 # What starting one more execution costs, in micro-batches of a small model's pipeline step
@@ -119,7 +118,7 @@ class MemoCounts:
 EXECUTION_COST_MICROBATCHES = 2
 
 
-def memo_counts(shape: PipelineShape, n: int, verify: bool = True) -> MemoCounts | None:
+def memo_counts(shape: PipelineShape, n: int) -> MemoCounts | None:
     """The counts to execute for `n` micro-batches: the smallest ones the schedule accepts whose
     units have every key `n` has; None where executing them would cost as much as executing
     `n` (then `n` is executed in full)."""
@@ -127,7 +126,7 @@ def memo_counts(shape: PipelineShape, n: int, verify: bool = True) -> MemoCounts
     if order is None:
         return None
     need = set(unit_keys(shape, order, n))
-    wanted = 3 if verify else 2
+    wanted = 3  # two to fit, one to verify
     budget = n - EXECUTION_COST_MICROBATCHES * (wanted - 1)  # the counts must sum below it
     found: list[int] = []
     fitted: set | None = None  # the keys both fitting counts have
@@ -144,7 +143,7 @@ def memo_counts(shape: PipelineShape, n: int, verify: bool = True) -> MemoCounts
         if need <= keys and (len(found) < 2 or keys <= fitted):
             found.append(m)
             fitted = keys if fitted is None else fitted & keys
-    return MemoCounts((found[0], found[1]), found[2] if verify else None)
+    return MemoCounts((found[0], found[1]), found[2])
 
 
 # --- values that grow with the micro-batch count -------------------------------------------------
