@@ -39,6 +39,7 @@ class StandIn:
 
         self.simulate = _Method(simulate)
         self.build = _Method(build)
+        self.__ray_ready__ = _Method(lambda: None)  # (no start to wait for: None, started)
 
 
 def _task(n_layers: int) -> RankTask:
