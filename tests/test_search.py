@@ -124,8 +124,9 @@ def check_against_grid(search_out: Path, grid_out: Path) -> None:
     for key in both:  # the same plan simulates to the same figures
         assert found[key]["tokens_per_s"] == pytest.approx(grid[key]["tokens_per_s"], rel=1e-9)
         assert found[key]["peak_bytes_max"] == grid[key]["peak_bytes_max"]
-        if grid[key]["fits"]:
-            assert best["tokens_per_s"] >= grid[key]["tokens_per_s"] * (1 - 1e-9)
+    for key, row in grid.items():  # the search's best beats every plan of the grid that fits
+        if row["fits"]:
+            assert best["tokens_per_s"] >= row["tokens_per_s"] * (1 - 1e-9), (key, row)
 
 
 def test_search_debug_against_a_grid(tmp_path):
@@ -166,6 +167,11 @@ def test_search_debug_against_a_grid(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "issue #12, open: with --max-plans 4 the search simulates the 4 plans its analytical prior "
+    "ranks first (all micro_batch 1: the prior's bubble term prefers more micro-batches); the "
+    "grid's TP4 x PP4 micro_batch 2 plan is faster (1.369 s against the search's best 1.458 s, "
+    "run of 2026-12-01)"))
 def test_search_70b_against_a_16_plan_grid(tmp_path):
     from tests.test_cli import run_cli
 
