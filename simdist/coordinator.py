@@ -282,7 +282,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         traces = await asyncio.gather(*(one(t, j) for t, j in zip(tasks, jobs)))
     except BaseException:
         if run_cache is not None:  # (`finish` ends it on success)
-            run_cache.abandon()
+            run_cache.end()
         raise
     finally:
         bar.close()

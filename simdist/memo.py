@@ -310,10 +310,13 @@ async def _executed_streams(pool: Pool, task: RankTask, cost: _Cost) -> StepStre
     return streams
 
 
-async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost) -> BuildResult:
-    """A memo job's executions side by side, its build and its store."""
-    runs = list(await asyncio.gather(*(_executed_streams(pool, t, cost)
-                                       for t in job.short_tasks())))
+async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost,
+                      runs: list[StepStreams] | None = None) -> BuildResult:
+    """A memo job built from `runs` (its steps obtained elsewhere) or from its own executions,
+    side by side (None); stored."""
+    if runs is None:
+        runs = list(await asyncio.gather(*(_executed_streams(pool, t, cost)
+                                           for t in job.short_tasks())))
     result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
     store_memo(job, result.parts)
     cost.build_s += result.seconds
@@ -322,14 +325,9 @@ async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost) -> Bu
 
 async def _through_pipeline(pool: Pool, job: PipelineJob, runs: list[StepStreams] | None,
                             cost: _Cost) -> RankTrace | None:
-    """A pipeline job built from `runs` (its counts' steps obtained elsewhere) or from its own
-    executions (None); the trace, or None where the model does not fit."""
-    if runs is None:
-        result = await _memo_build(pool, job, cost)
-    else:
-        result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
-        store_memo(job, result.parts)
-        cost.build_s += result.seconds
+    """A pipeline job's trace (see _memo_build for `runs`), or None where the model does not
+    fit."""
+    result = await _memo_build(pool, job, cost, runs)
     cost.pipelines.append(job.status if result.trace is not None else "fallback")
     return result.trace
 
@@ -384,7 +382,8 @@ async def simulate_task(pool: Pool, task: RankTask,
         return trace if job is None else cost.account(trace)
     trace = (await _memo_build(pool, job, cost)).trace
     if trace is None:  # the short steps do not fit the layer memo's model: all blocks
-        trace = await _full(pool, task, open_pipeline(task), cost)
+        # (a MemoJob is a rank without a pipeline memo job: open_memo)
+        trace = await _full(pool, task, None, cost)
         trace.layer_memo = "fallback"
     else:
         _memo_status(trace, job.shape, task, cost)

@@ -202,17 +202,16 @@ class RunCache:
         if delta.entries.num_rows or delta.costs.num_rows or delta.used:
             self._pending.append(self.service.merge.remote(delta.entries, delta.costs, delta.used))
 
-    def abandon(self) -> None:
-        """End the service without writing the store back: the run failed or was stopped (a
-        service left alive keeps its process, and the store it loaded, until Ray shuts down)."""
+    def end(self) -> None:
+        """End the service: `finish` does after writing the store back; a failed or stopped run
+        does without (a service left alive keeps its process, and the store it loaded, until
+        Ray shuts down)."""
         import ray
 
         if not isinstance(self.service, _InDriver):
             ray.kill(self.service)
 
     async def finish(self, traces: list) -> dict[str, Any]:
-        import ray
-
         c = _op_counts(traces)
         try:
             for ref in self._pending:
@@ -224,8 +223,7 @@ class RunCache:
                           CacheWarning, stacklevel=2)
             return dict(disabled_summary(traces), enabled=True, error=f"{type(e).__name__}: {e}")
         finally:
-            if not isinstance(self.service, _InDriver):
-                ray.kill(self.service)
+            self.end()
         for p in res.get("problems", []):
             warnings.warn(p, CacheWarning, stacklevel=2)
         return dict(

@@ -354,10 +354,10 @@ def _repeat_items(items: list, edits: list[_Insert], extra: int) -> list:
     return out
 
 
-def _positions(n: int, edits: list, extra: int) -> tuple[list[int], int]:
+def _positions(n: int, edits: list, extra: int) -> list[int]:
     """Where each of the `n` events of the short stream lands in the stream `extrapolate` makes
-    with `extra` blocks more per stage, and that stream's length (an insertion adds `extra`
-    copies of its segment before the event it is at; an _Inner edit keeps its one event)."""
+    with `extra` blocks more per stage (an insertion adds `extra` copies of its segment before
+    the event it is at; an _Inner edit keeps its one event)."""
     out: list[int] = []
     shift = cursor = 0
     for e in edits:
@@ -366,7 +366,7 @@ def _positions(n: int, edits: list, extra: int) -> tuple[list[int], int]:
         if isinstance(e, _Insert):
             shift += extra * len(e.segment)
     out.extend(range(cursor + shift, n + shift))
-    return out, n + shift
+    return out
 
 
 def extrapolate_boundaries(short: list[Boundary], lengths: dict[str, int],
@@ -376,8 +376,7 @@ def extrapolate_boundaries(short: list[Boundary], lengths: dict[str, int],
     maps = {n: _positions(lengths[n], edits[n], extra) for n in ("kernels", "memory")}
 
     def moved(name: str, i: int) -> int:
-        pos, _ = maps[name]
-        return pos[i - 1] + 1 if i > 0 else 0
+        return maps[name][i - 1] + 1 if i > 0 else 0
 
     return [Boundary(b.label, moved("kernels", b.kernels), moved("memory", b.memory))
             for b in short]
