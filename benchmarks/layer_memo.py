@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scale_fsdp import _git_commit  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 
 def rank_part(seq_len: int) -> dict:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]},
         "versions": {"simdist": simdist.__version__, "torch": torch.__version__,
                      "ray": ray.__version__},
-        "commit": _git_commit(),
+        "commit": git_commit(),
     }
     out = Path(args.out)
     # A part that is skipped keeps its figures from the last run that measured it (each part

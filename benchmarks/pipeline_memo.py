@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scale_fsdp import _git_commit  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 PLANS = {
     "issue": dict(
@@ -93,7 +93,7 @@ def main() -> None:
                 rows.append(run_once(config, n, dp, memo, work))
     by = {(r["microbatches"], r["pipeline_memo"]): r["sim_wall_s"] for r in rows}
     result = dict(
-        plan=name, config=plan, dp=dp, rows=rows, commit=_git_commit(),
+        plan=name, config=plan, dp=dp, rows=rows, commit=git_commit(),
         machine=dict(cpus=os.cpu_count(), python=platform.python_version()),
         ratios={f"{'memo' if m else 'full'} {max(args.counts)}/{min(args.counts)}":
                 by[(max(args.counts), m)] / by[(min(args.counts), m)]

@@ -31,17 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import git_commit
+
 HERE = Path(__file__).resolve().parent
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def config(nodes: int, seq_len: int) -> dict:
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ray": ray.__version__},
         "statistic": f"min of {args.repeats} sample(s) per size",
         "shared_cache": args.cache,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "small": {"nodes": small, **b_small, "wall_s_samples": [r["wall_s"] for r in samples[small]]},
         "large": {"nodes": large, **b_large, "wall_s_samples": [r["wall_s"] for r in samples[large]]},
         "ratio_large_over_small": ratio,

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import git_commit
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 GRID = ["parallel.tp=4,8", "parallel.pp=1,2,4,8",
@@ -87,16 +89,6 @@ def one_sweep(cfg: dict, out: Path, limit: int | None, workers: int | None) -> d
     )
 
 
-def commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="only the first N plans of the grid")
@@ -120,7 +112,7 @@ def main() -> int:
     import simdist
 
     load_start = list(os.getloadavg())  # 1, 5, 15 min: other work on the machine
-    at_commit = commit()  # at the start: the code the sweeps import
+    at_commit = git_commit()  # at the start: the code the sweeps import
     work = args.work or Path(tempfile.mkdtemp(prefix="simdist-bench-sweep-"))
     cache_dir = str(work / "cache")
     if not args.warm_only and Path(cache_dir).exists() and any(Path(cache_dir).iterdir()):
