@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--top", type=int, default=5, metavar="K",
                         help="plans in search.json's best list (default 5)")
     search.add_argument("--max-plans", type=int, default=16, metavar="M",
-                        help="simulate at most this many plans, best prior first (default 16)")
+                        help="simulate at most this many plans (default 16)")
+    search.add_argument("--prior-plans", type=int, metavar="P",
+                        help="of those, the first P in the analytical prior's order; the rest "
+                             "are neighbours of the best simulated so far (default: half of "
+                             "--max-plans, rounded up)")
     for sp in (sweep, search):
         sp.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key for every plan "
@@ -211,8 +215,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from simdist.rundir import check_out
 
     workers = _plan_options(args)
-    for name, value, lo in (("--top", args.top, 1), ("--max-plans", args.max_plans, 0)):
-        if value < lo:
+    for name, value, lo in (("--top", args.top, 1), ("--max-plans", args.max_plans, 0),
+                            ("--prior-plans", args.prior_plans, 0)):
+        if value is not None and value < lo:
             raise ConfigError(name, f"got {value}; expected an integer >= {lo}")
     if args.gpus and min(args.gpus) < 1:
         raise ConfigError("--gpus", f"got {min(args.gpus)}; expected integers >= 1")
@@ -222,7 +227,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     res = run_search(args.config, args.overrides, out, gpus=args.gpus, objective=args.objective,
                      top=args.top, max_plans=args.max_plans, address=args.address,
                      workers=workers, use_cache=not args.no_cache, trust_code=args.trust_code,
-                     concurrency=args.concurrency, progress=not args.quiet)
+                     concurrency=args.concurrency, progress=not args.quiet,
+                     prior_plans=args.prior_plans)
     if not args.quiet:
         print_search(res)
         print(f"wrote {res.out}")

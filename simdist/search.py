@@ -1,10 +1,11 @@
 """`simdist search`: the plan space of a model on a cluster, enumerated from the model's and the
 cluster's divisibility rules, pruned by what is known before executing, ordered by an analytical
-prior and simulated best-first (up to --max-plans) in one Ray session; written like a sweep
-(sweep.parquet, sweep.json, plans/<n>/) plus search.json.
+prior, and simulated (up to --max-plans, in one Ray session): the prior's first plans, then
+neighbours of the best simulated so far (SearchWalk); written like a sweep (sweep.parquet,
+sweep.json, plans/<n>/) plus search.json.
 
-The prior (`prior()`) decides only the ORDER in which plans are simulated; every figure search
-reports (and the choice of the best plans) comes from simulation.
+The prior (`prior()`) decides only WHICH plans are simulated and in what order; every figure
+search reports (and the choice of the best plans) comes from simulation.
 """
 
 from __future__ import annotations
@@ -315,12 +316,109 @@ class SearchResult:
     report: dict[str, Any]  # search.json
 
 
+# The dimensions a plan's neighbour may change one at a time (dp_shard follows from the rest).
+FREE_DIMS = [d for d in DIMS if d not in ("gpus", "parallel.dp_shard")]
+
+
+def changed_dims(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """How many free dimensions two plans of one GPU count differ in (the schedule counts only
+    where both pipeline); plans of different GPU counts are never neighbours."""
+    if a["gpus"] != b["gpus"]:
+        return len(FREE_DIMS) + 1
+    n = 0
+    for d in FREE_DIMS:
+        if d == "parallel.pp_schedule" and (a["parallel.pp"] == 1 or b["parallel.pp"] == 1):
+            continue
+        n += a[d] != b[d]
+    return n
+
+
+class SearchWalk:
+    """The order in which a search simulates: first the `seeds` plans the prior ranks best, then
+    a local search: the next plan is the prior's best among the unsimulated neighbours (one
+    free dimension changed) of the best plan simulated so far, so the walk follows what the
+    simulation found, not the prior's errors (its step time is an estimate of the terms the
+    simulation prices exactly: a dimension the prior misjudges, as the micro-batch, is still
+    tried around the best). Where the best has no unsimulated neighbour left, the prior's next
+    plan. Each case records how it was found (`found_by`: prior | neighbour of plan N).
+
+    Planning a plan the planner refuses adds it to `pruned` ('config: <key>') and does not
+    count against the budget."""
+
+    def __init__(self, config: str | Path | dict, overrides: list[str], cands: list[Candidate],
+                 pruned: Counter, *, trust_code: bool, use_cache: bool) -> None:
+        self.config, self.overrides, self.cands, self.pruned = config, overrides, cands, pruned
+        self.trust_code, self.use_cache = trust_code, use_cache
+        self.cases: list[PlanCase] = []
+        self._tried: set[int] = set()  # indices into cands
+
+    def _take(self, pool: list[int], n: int, found_by: str, bar: SweepProgress) -> list[PlanCase]:
+        out = []
+        for i in pool:
+            if len(out) >= n:
+                break
+            self._tried.add(i)
+            c = self.cands[i]
+            case = PlanCase(len(self.cases), dict(c.values),
+                            [*self.overrides, *case_overrides(c)],
+                            extra=dict(c.prior, found_by=found_by))
+            plan_case(self.config, case, trust_code=self.trust_code, use_cache=self.use_cache)
+            if case.run is None and not case.failed:
+                self.pruned[f"config: {case.skip_reason.split(':', 1)[0]}"] += 1
+                continue
+            self.cases.append(case)  # planned, or failed in the planner (a row of its own)
+            out.append(case)
+            if case.run is None:
+                bar.finished(case)
+        return out
+
+    def _best(self, objective: str) -> PlanCase | None:
+        done = [c for c in self.cases if c.summary is not None]
+        if not done:
+            return None
+        key = objective_key(objective)
+        return min(done, key=lambda c: key(case_row(c)))
+
+    def _next(self, n: int, objective: str, bar: SweepProgress) -> list[PlanCase]:
+        best = self._best(objective)
+        if best is not None:
+            around = [i for i, c in enumerate(self.cands)
+                      if i not in self._tried and changed_dims(c.values, best.values) == 1]
+            got = self._take(around, n, f"neighbour of plan {best.plan_id}", bar)
+            if got:
+                return got
+        rest = [i for i in range(len(self.cands)) if i not in self._tried]
+        return self._take(rest, n, "prior", bar)
+
+    async def run(self, plans_dir: Path, max_plans: int, seeds: int, objective: str,
+                  bar: SweepProgress, *, address: str | None, workers: int | str | None,
+                  concurrency: int) -> dict[str, Any]:
+        """Simulate up to `max_plans` plans in one SimulationSession; what it started."""
+        from simdist.sweep import SimulationSession
+
+        session = SimulationSession(plans_dir, address=address, workers=workers,
+                                    use_cache=self.use_cache, concurrency=concurrency,
+                                    progress=bar)
+        try:
+            batch = self._take(list(range(len(self.cands))), min(seeds, max_plans), "prior", bar)
+            while True:
+                await session.simulate(batch)
+                left = max_plans - len(self.cases)
+                batch = self._next(min(max(1, concurrency), left), objective, bar) if left > 0 \
+                    else []
+                if not batch:
+                    break
+        finally:
+            started = session.close()
+        return started
+
+
 def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
                gpus: list[int] | None = None, objective: str = "tokens_per_s", top: int = 5,
                max_plans: int = 16, address: str | None = None,
                workers: int | str | None = None, use_cache: bool = True,
                trust_code: bool = False, concurrency: int = 1,
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, prior_plans: int | None = None) -> SearchResult:
     from simdist.planner import RESERVED_BYTES, resolve_gpu, resolve_spec
     from simdist.rundir import install, staging_dir
 
@@ -333,37 +431,21 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
     limit = gpu.hbm_bytes - RESERVED_BYTES
     cands, pruned, enumerated = enumerate_space(facts, base, gpu, gpus, gb, limit)
     cands.sort(key=prior_key(objective, limit))
-    # Plan best-first until max_plans plans are planned; what the planner refuses is pruned
-    # (reason 'config: <key>') and does not count against max_plans.
-    cases: list[PlanCase] = []
-    for c in cands:
-        if len(cases) >= max_plans:
-            break
-        case = PlanCase(len(cases), dict(c.values), [*overrides, *case_overrides(c)],
-                        extra=dict(c.prior))
-        plan_case(config, case, trust_code=trust_code, use_cache=use_cache)
-        if case.run is None and not case.failed:
-            key = case.skip_reason.split(":", 1)[0]
-            pruned[f"config: {key}"] += 1
-            continue
-        cases.append(case)  # planned, or failed in the planner (a row of its own)
-    bar = SweepProgress(len(cases), 0, progress, what="search")
-    for c in cases:
-        if c.run is None:
-            bar.finished(c)
+    seeds = max(1, (max_plans + 1) // 2) if prior_plans is None else prior_plans
+    walk = SearchWalk(config, overrides, cands, pruned, trust_code=trust_code,
+                      use_cache=use_cache)
+    bar = SweepProgress(min(max_plans, len(cands)), 0, progress, what="search")
     bar.line(f"{enumerated:,} plans enumerated, {sum(pruned.values()):,} pruned, "
-             f"{len(cands):,} candidates; simulating {len(cases)} best-first")
+             f"{len(cands):,} candidates; simulating up to {max_plans}: {min(seeds, max_plans)} "
+             "best-first by the prior, the rest around the best simulated")
     tmp = staging_dir(out)
     try:
         plans_dir = tmp / PLANS_DIR
         plans_dir.mkdir()
-        session = dict(ray=False, actors_started=0)
-        if cases:
-            from simdist.sweep import simulate_cases
-
-            session = asyncio.run(simulate_cases(cases, plans_dir, address=address,
-                                                 workers=workers, use_cache=use_cache,
-                                                 concurrency=concurrency, progress=bar))
+        session = asyncio.run(walk.run(plans_dir, max_plans, seeds, objective, bar,
+                                       address=address, workers=workers,
+                                       concurrency=concurrency))
+        cases = walk.cases
         bar.close()
         rows = ranked([case_row(c) for c in cases], objective_key(objective))
         by_id = {c.plan_id: c for c in cases}
@@ -377,14 +459,16 @@ def run_search(config: str | Path | dict, overrides: list[str], out: Path, *,
                              **{k: r[k] for k in ("fits", "peak_bytes_max", "step_time_s", "mfu",
                                                   "tokens_per_s", "tokens_per_s_per_gpu",
                                                   "cost_per_million_tokens")},
-                             prior={k: r[k] for k in c.extra},
+                             found_by=c.extra["found_by"],
+                             prior={k: r[k] for k in c.extra if k.startswith("prior_")},
                              config=c.cfg.to_dict()))
         report = dict(
             objective=objective, gpus=gpus, global_batch=gb, seq_len=base.training.seq_len,
             model=dict(family=facts.family, n_params=facts.n_params, n_layers=facts.n_layers),
             gpu=gpu.name, memory_limit_bytes=limit, enumerated=enumerated,
             pruned_total=sum(pruned.values()), pruned=dict(pruned.most_common()),
-            candidates=len(cands), max_plans=max_plans,
+            candidates=len(cands), max_plans=max_plans, prior_plans=min(seeds, max_plans),
+            found_by=dict(Counter(c.extra["found_by"] for c in cases)),
             simulated=sum(r["status"] == "simulated" for r in rows),
             skipped=sum(r["status"] == "skipped" for r in rows),
             failed=sum(r["status"] == "failed" for r in rows),

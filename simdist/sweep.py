@@ -258,27 +258,35 @@ class SweepProgress:
             self._bar.stop()
 
 
-async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str | None = None,
-                         workers: int | str | None = None, use_cache: bool = True,
-                         concurrency: int = 1, progress: SweepProgress | None = None,
-                         on_done: Callable[[PlanCase], None] | None = None) -> dict[str, Any]:
-    """Simulate every planned case (`case.run` set), at most `concurrency` at once, on one Ray
-    session and one set of rank actors (coordinator.SharedWorkers: Ray starts only if some plan
-    has something to execute, actors stay warm from plan to plan; the cache dir is shared by
-    all), and write each to plans_dir/<plan_id>. A ConfigError raised while simulating skips
-    the case; any other error marks it failed and the sweep goes on. Returns what the session
-    started: {ray: bool, actors_started: int}."""
-    from simdist.coordinator import SharedWorkers, simulate_async
-    from simdist.errors import one_line, root_cause
+class SimulationSession:
+    """One Ray session and one set of rank actors (coordinator.SharedWorkers: Ray starts only
+    if some plan has something to execute, actors stay warm from plan to plan; the cache dir
+    is shared by all) for plans simulated in one or more batches (a sweep: one batch; a
+    search: a batch per step, each chosen from what the previous ones gave). Each planned case
+    (`case.run` set) is simulated, at most `concurrency` at once, and written to
+    plans_dir/<plan_id>. A ConfigError raised while simulating skips the case; any other error
+    marks it failed and the rest go on."""
 
-    sem = asyncio.Semaphore(max(1, concurrency))
-    shared = SharedWorkers(address)
+    def __init__(self, plans_dir: Path, *, address: str | None = None,
+                 workers: int | str | None = None, use_cache: bool = True,
+                 concurrency: int = 1, progress: SweepProgress | None = None,
+                 on_done: Callable[[PlanCase], None] | None = None) -> None:
+        from simdist.coordinator import SharedWorkers
 
-    async def one(case: PlanCase) -> None:
-        async with sem:
+        self.plans_dir, self.address, self.workers = plans_dir, address, workers
+        self.use_cache, self.progress, self.on_done = use_cache, progress, on_done
+        self._sem = asyncio.Semaphore(max(1, concurrency))
+        self._shared = SharedWorkers(address)
+
+    async def _one(self, case: PlanCase) -> None:
+        from simdist.coordinator import simulate_async
+        from simdist.errors import one_line, root_cause
+
+        async with self._sem:
             try:
-                plan = await simulate_async(case.run, workers=workers, use_cache=use_cache,
-                                            address=address, shared=shared)
+                plan = await simulate_async(case.run, workers=self.workers,
+                                            use_cache=self.use_cache, address=self.address,
+                                            shared=self._shared)
             except Exception as e:  # noqa: BLE001 - one plan's failure is that plan's row
                 cause, _ = root_cause(e)
                 if isinstance(cause, ConfigError):
@@ -287,19 +295,35 @@ async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str
                     case.failed = f"internal error: {one_line(e)}"
             else:
                 case.summary = plan.summary
-                out = plans_dir / str(case.plan_id)
-                plan.write(out, report=False)  # the sweep's own page covers its plans
-                case.run_dir = f"{PLANS_DIR}/{case.plan_id}"
-            if progress is not None:
-                progress.finished(case)
-            if on_done is not None:
-                on_done(case)
+                plan.write(self.plans_dir / str(case.plan_id), report=False)  # the sweep's
+                case.run_dir = f"{PLANS_DIR}/{case.plan_id}"  # own page covers its plans
+            if self.progress is not None:
+                self.progress.finished(case)
+            if self.on_done is not None:
+                self.on_done(case)
 
+    async def simulate(self, cases: list[PlanCase]) -> None:
+        await asyncio.gather(*(self._one(c) for c in cases if c.run is not None))
+
+    def close(self) -> dict[str, Any]:
+        """Stop the actors; what the session started: {ray: bool, actors_started: int}."""
+        started = dict(ray=self._shared.ray_started, actors_started=self._shared.started)
+        self._shared.close()
+        return started
+
+
+async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str | None = None,
+                         workers: int | str | None = None, use_cache: bool = True,
+                         concurrency: int = 1, progress: SweepProgress | None = None,
+                         on_done: Callable[[PlanCase], None] | None = None) -> dict[str, Any]:
+    """Simulate every planned case in one SimulationSession; returns what it started."""
+    session = SimulationSession(plans_dir, address=address, workers=workers,
+                                use_cache=use_cache, concurrency=concurrency, progress=progress,
+                                on_done=on_done)
     try:
-        await asyncio.gather(*(one(c) for c in cases if c.run is not None))
+        await session.simulate(cases)
     finally:
-        started = dict(ray=shared.ray_started, actors_started=shared.started)
-        shared.close()
+        started = session.close()
     return started
 
 
