@@ -1,9 +1,11 @@
 """Sweep benchmark: a 32-plan grid of Llama 3 70B on 1024 H100s (128 nodes x 8), simulated twice
 against one fresh cache dir — cold (empty store) and warm (the store the cold sweep wrote) —
 each as one `simdist sweep` (simdist.sweep.run_sweep: one Ray session, every plan through
-simulate_async). Prints plans/s cold and warm and what the warm sweep reused: the layer store
-(plan.json `cache.layer` hits / misses / blocks executed, summed over the plans) and the
-dispatch cache (`cache.hits` / `misses`).
+simulate_async). Prints plans/s cold and warm and what the warm sweep reused: plans copied from
+the plan store (plan.json `cache.plan.reused`), and for the others the layer store (plan.json
+`cache.layer` hits / misses / blocks executed, summed over the plans) and the dispatch cache
+(`cache.hits` / `misses`). `--no-plan-store` measures the warm sweep without the plan store
+(its entries removed before the warm sweep: every plan rebuilt from the layer store).
 
 Grid: parallel.tp 4,8 x parallel.pp 1,2,4,8 x training.activation_checkpointing full,selective
 x training.micro_batch 1,2 (32 plans), seq 8192, global_batch 1024 (1 to 64 micro-batches per
@@ -47,13 +49,17 @@ def base_config(seq_len: int, global_batch: int, cache_dir: str) -> dict:
 
 
 def reuse(out: Path, rows: list[dict]) -> dict:
-    """Layer store and dispatch cache figures summed over the simulated plans' plan.json."""
-    tot = dict(layer_hits=0, layer_misses=0, layer_fallbacks=0, layer_full=0,
+    """Plans copied from the plan store, and the layer store and dispatch cache figures summed
+    over the other simulated plans' plan.json (a copied plan's are those of its first run)."""
+    tot = dict(plans_reused=0, layer_hits=0, layer_misses=0, layer_fallbacks=0, layer_full=0,
                blocks_executed=0, blocks_total=0, dispatch_hits=0, dispatch_misses=0)
     for r in rows:
         if r["status"] != "simulated":
             continue
         cache = json.loads((out / r["run_dir"] / "plan.json").read_text())["cache"]
+        if (cache.get("plan") or {}).get("reused"):
+            tot["plans_reused"] += 1
+            continue
         layer = cache.get("layer") or {}
         for k in ("hits", "misses", "fallbacks", "full"):
             tot[f"layer_{k}"] += int(layer.get(k) or 0)
@@ -99,6 +105,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None,
                     help="keep the cache and sweep directories here (default: a temporary "
                          "directory, removed); with --warm-only, the cache of an earlier run")
+    ap.add_argument("--no-plan-store", action="store_true",
+                    help="remove the plan store's entries before the warm sweep (the layer "
+                         "store's warm path alone)")
     ap.add_argument("--warm-only", action="store_true",
                     help="only the warm sweep, against --work's cache (to measure a change to "
                          "the warm path without repeating the cold sweep)")
@@ -123,6 +132,8 @@ def main() -> int:
         cold = previous.get("cold") if args.warm_only else one_sweep(
             cfg, work / "cold", args.limit, args.workers)
         shutil.rmtree(work / "warm", ignore_errors=True)
+        if args.no_plan_store:
+            shutil.rmtree(Path(cache_dir) / "plans", ignore_errors=True)
         warm = one_sweep(cfg, work / "warm", args.limit, args.workers)
     finally:
         if args.work is None:
@@ -130,6 +141,7 @@ def main() -> int:
     result = dict(
         benchmark="sweep",
         grid=GRID, limit=args.limit, seq_len=args.seq_len, global_batch=args.global_batch,
+        plan_store=not args.no_plan_store,
         plan="llama3-70b on 1024 H100s (128 x 8), ZeRO-3 over the rest, 1F1B",
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(),
                      python=platform.python_version(), loadavg_start=load_start,

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "search directory alone")
     report.add_argument("dir", metavar="DIR", help="a directory written by simdist run, sweep or "
                                                    "search (or a sweep's plans/<n>)")
-    cache = sub.add_parser("cache", help="the shared cache (dispatch cache and layer store): "
+    cache = sub.add_parser("cache", help="the shared cache (dispatch cache, layer and plan stores): "
                                          "info | clear | path")
     cache.add_argument("action", choices=["info", "clear", "path"])
     cache.add_argument("--cache-dir", help="default: simulation.cache_dir's default, "

@@ -283,24 +283,49 @@ class SimulationSession:
         from simdist.errors import one_line, root_cause
 
         async with self._sem:
-            try:
-                plan = await simulate_async(case.run, workers=self.workers,
-                                            use_cache=self.use_cache, address=self.address,
-                                            shared=self._shared)
-            except Exception as e:  # noqa: BLE001 - one plan's failure is that plan's row
-                cause, _ = root_cause(e)
-                if isinstance(cause, ConfigError):
-                    case.skip_reason = str(cause)
-                else:
-                    case.failed = f"internal error: {one_line(e)}"
+            out = self.plans_dir / str(case.plan_id)
+            store, key = self._kept(case)
+            t0 = time.perf_counter()
+            if key is not None and (summary := store.restore(key, out)) is not None:
+                case.summary = reused_summary(summary, time.perf_counter() - t0)
+                (out / "plan.json").write_text(
+                    json.dumps(case.summary, indent=2, default=str) + "\n")
+                case.run_dir = f"{PLANS_DIR}/{case.plan_id}"
             else:
-                case.summary = plan.summary
-                plan.write(self.plans_dir / str(case.plan_id), report=False)  # the sweep's
-                case.run_dir = f"{PLANS_DIR}/{case.plan_id}"  # own page covers its plans
+                try:
+                    plan = await simulate_async(case.run, workers=self.workers,
+                                                use_cache=self.use_cache, address=self.address,
+                                                shared=self._shared)
+                except Exception as e:  # noqa: BLE001 - one plan's failure is that plan's row
+                    cause, _ = root_cause(e)
+                    if isinstance(cause, ConfigError):
+                        case.skip_reason = str(cause)
+                    else:
+                        case.failed = f"internal error: {one_line(e)}"
+                else:
+                    plan.summary["cache"]["plan"] = dict(reused=False, kept=key is not None)
+                    case.summary = plan.summary
+                    plan.write(out, report=False)  # the sweep's own page covers its plans
+                    case.run_dir = f"{PLANS_DIR}/{case.plan_id}"
+                    if key is not None:
+                        store.put(key, out)
             if self.progress is not None:
                 self.progress.finished(case)
             if self.on_done is not None:
                 self.on_done(case)
+
+    def _kept(self, case: PlanCase) -> tuple[Any, str | None]:
+        """The plan store and `case`'s key in it (None: not kept: --no-cache, user code)."""
+        if not self.use_cache:
+            return None, None
+        import torch
+
+        from simdist.cache.plans import PlanStore, plan_key
+
+        key = plan_key(case.cfg.to_dict(), case.run.exhaustive)
+        if key is None:
+            return None, None
+        return PlanStore.open(case.cfg.simulation.cache_dir, torch.__version__), key
 
     async def simulate(self, cases: list[PlanCase]) -> None:
         await asyncio.gather(*(self._one(c) for c in cases if c.run is not None))
@@ -310,6 +335,19 @@ class SimulationSession:
         started = dict(ray=self._shared.ray_started, actors_started=self._shared.started)
         self._shared.close()
         return started
+
+
+def reused_summary(summary: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """A kept plan's plan.json as this sweep's: its figures unchanged, `sim_wall_s` this copy's,
+    `cache.plan` saying it was reused (and how long its simulation took), nothing executed."""
+    out = dict(summary)
+    cache_ = dict(out.get("cache") or {})
+    cache_["plan"] = dict(reused=True, kept=True, simulated_in_s=summary.get("sim_wall_s"))
+    out["cache"] = cache_
+    out["execution"] = {**(out.get("execution") or {}), "ray": False, "ray_address": None,
+                        "actors": 0}
+    out["sim_wall_s"] = wall_s
+    return out
 
 
 async def simulate_cases(cases: list[PlanCase], plans_dir: Path, *, address: str | None = None,

@@ -117,15 +117,76 @@ def test_a_warm_sweep_starts_no_ray(tmp_path, monkeypatch):
 
     monkeypatch.setattr(coordinator, "ray_session", refuse)
     monkeypatch.setattr(pool, "start_workers", refuse)
+    shutil.rmtree(tmp_path / "cache" / "plans")  # not the kept plan: the layer store's path
     warm = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "warm", progress=False)
     mark = json.loads((warm.out / "sweep.json").read_text())
     assert (mark["simulated"], mark["ray"], mark["actors_started"]) == (1, False, 0)
+    plan = json.loads((warm.out / "plans" / "0" / "plan.json").read_text())
+    assert plan["cache"]["plan"] == dict(reused=False, kept=True)
+    assert plan["cache"]["layer"]["hits"] == 1
     a = pq.read_table(cold.out / "sweep.parquet").to_pylist()
     b = pq.read_table(warm.out / "sweep.parquet").to_pylist()
     for x, y in zip(a, b, strict=True):
         assert (x["status"], x["fits"]) == (y["status"], y["fits"])
         for k in ("peak_bytes_max", "step_time_s", "tokens_per_s"):
             assert x[k] == pytest.approx(y[k], rel=1e-12), k
+
+
+def test_a_sweep_run_again_reuses_its_kept_plans(tmp_path, monkeypatch, recwarn):
+    """The same plan in a later sweep is copied from the plan store: nothing is planned into a
+    simulation, the files are the simulated ones byte for byte, plan.json says so; a plan that
+    differs in any config key is simulated; an entry that lost a file is a reported miss."""
+    import simdist.coordinator as coordinator
+    from simdist.cache.store import CacheWarning
+    from simdist.sweep import run_sweep
+
+    sets = [f"simulation.cache_dir={tmp_path / 'cache'}"]
+    grid = ["training.micro_batch=1,2"]
+    cold = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "cold", progress=False)
+    real = coordinator.simulate_async
+    simulated = []
+
+    async def counting(run, **kw):  # noqa: ANN001, ANN003, ANN202
+        simulated.append(run.cfg.training.micro_batch)
+        return await real(run, **kw)
+
+    monkeypatch.setattr(coordinator, "simulate_async", counting)
+    warm = run_sweep(str(QUICKSTART), grid, sets, tmp_path / "warm", progress=False)
+    assert simulated == []
+    for i in (0, 1):
+        c, w = cold.out / "plans" / str(i), warm.out / "plans" / str(i)
+        for f in ("ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet",
+                  "kernels.parquet", "timeline.json"):
+            assert (c / f).read_bytes() == (w / f).read_bytes(), f
+        pc, pw = (json.loads((d / "plan.json").read_text()) for d in (c, w))
+        assert pw["cache"]["plan"] == dict(reused=True, kept=True,
+                                           simulated_in_s=pc["sim_wall_s"])
+        assert pw["execution"]["ray"] is False and pw["execution"]["actors"] == 0
+        for k in ("step_time_s", "peak_bytes_max", "tokens_per_s", "fits", "config"):
+            assert pw[k] == pc[k], k
+    a = pq.read_table(cold.out / "sweep.parquet").to_pylist()
+    b = pq.read_table(warm.out / "sweep.parquet").to_pylist()
+    for x, y in zip(a, b, strict=True):
+        for k in ("status", "fits", "peak_bytes_max", "step_time_s", "tokens_per_s"):
+            assert x[k] == y[k], k
+    # another value of any key is another plan
+    run_sweep(str(QUICKSTART), ["training.micro_batch=1"], [*sets, "training.seq_len=128"],
+              tmp_path / "other", progress=False)
+    assert simulated == [1]
+    # a damaged entry: reported once, removed, simulated again
+    from simdist.cache.plans import PlanStore
+    import torch
+
+    entries = PlanStore.open(tmp_path / "cache", torch.__version__).entries()
+    assert len(entries) == 3
+    for e in entries:
+        (e / "memory.parquet").unlink()
+    again = run_sweep(str(QUICKSTART), ["training.micro_batch=1"], sets, tmp_path / "again",
+                      progress=False)
+    assert simulated == [1, 1]
+    assert any(issubclass(w.category, CacheWarning) and "lacks memory.parquet" in str(w.message)
+               for w in recwarn.list)
+    assert (again.out / "plans" / "0" / "memory.parquet").is_file()
 
 
 def test_sweep_parquet_one_row_per_combination(sweep):

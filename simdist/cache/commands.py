@@ -80,6 +80,7 @@ def info(cache_dir: str | None) -> int:
         print(f"  torch {s['torch'] or '?'}, schema {s['schema'] or '?'}"
               + (f", {s['unreadable']} unreadable file(s)" if s["unreadable"] else ""))
     _layer_info(root, current)
+    _plan_info(root, current)
     q = root / "quarantine"
     if q.is_dir():
         n = sum(1 for p in q.iterdir() if p.is_file())
@@ -106,15 +107,32 @@ def _layer_info(root: Path, current: str | None) -> None:
               f"ranks), {_human(nbytes)} ({nbytes} bytes)")
 
 
+def _plan_info(root: Path, current: str | None) -> None:
+    """The plan store (cache/plans.py): one line per plan-format / torch-version directory."""
+    from simdist.cache.plans import PlanStore
+
+    base = root / "plans"
+    dirs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if not dirs:
+        print("plan store: empty")
+    mine = PlanStore(root, current, 0).dir.name if current else None
+    for d in dirs:
+        n, nbytes = PlanStore(root, d.name.rsplit("-torch-", 1)[-1], 0).usage()
+        print(f"plan store {d.name}{'  (this install)' if d.name == mine else ''}")
+        print(f"  entries {n} (simulated plans of sweeps and searches), {_human(nbytes)} "
+              f"({nbytes} bytes)")
+
+
 def clear(cache_dir: str | None) -> int:
     root = resolve_dir(cache_dir)
     n = CacheStore(root, _torch_version() or "unknown").clear()
-    layers = root / "layers"
-    if layers.is_dir():
-        n += sum(1 for p in layers.rglob("*") if p.is_file())
-        shutil.rmtree(layers, ignore_errors=True)
-    print(f"removed {n} file(s) from {root} (dispatch cache and layer store, every torch "
-          "version, and quarantine)")
+    for sub in ("layers", "plans"):
+        d = root / sub
+        if d.is_dir():
+            n += sum(1 for p in d.rglob("*") if p.is_file())
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"removed {n} file(s) from {root} (dispatch cache, layer store and plan store, every "
+          "torch version, and quarantine)")
     return EXIT_OK
 
 
