@@ -8,11 +8,15 @@ the pipeline memo on and off (`simulation.pipeline_memo`). Each run is one `simd
 `--set` overrides, in its own process (its own local Ray), against a fresh, empty cache dir:
 a user's first run. The figure is plan.json's `sim_wall_s`; the process wall is recorded too.
 `--small` runs a plan of the same structure that fits a laptop: GPT 24 layers, hidden 1024,
-TP2 x PP4 (interleaved, v=2) x DP2 on 16 GPUs.
+TP2 x PP4 (interleaved, v=2) x DP2 on 16 GPUs. `--plan pp64` runs the issue's largest plan
+(Narayanan et al. 2021's 1T row): GPT 128 layers, hidden 25600, 160 heads, TP8 x PP64
+(interleaved, v=2: 128 stages of 1 block, too shallow for the layer memo) x DP6 on 3072
+A100s, 512 micro-batches (`--counts 512 --memo on`; executed in full it does not finish).
 
     python benchmarks/pipeline_memo.py                  # the issue's plan (tens of minutes)
     python benchmarks/pipeline_memo.py --small          # a few minutes
     python benchmarks/pipeline_memo.py --counts 16 144 --memo on
+    python benchmarks/pipeline_memo.py --plan pp64 --counts 512 --memo on
 
 Writes benchmarks/results/pipeline_memo[-small].json (override with --out).
 """
@@ -47,6 +51,13 @@ PLANS = {
         parallel=dict(tp=2, pp=4, pp_schedule="interleaved_1f1b", pp_virtual_stages=2),
         cluster=dict(gpu="a100-80gb", gpus_per_node=8, nodes=2),
         dp=2),
+    "pp64": dict(
+        model=dict(preset="gpt-146b", n_layers=128, dim=25600, n_heads=160),
+        training=dict(seq_len=2048, micro_batch=1),
+        parallel=dict(tp=8, pp=64, pp_schedule="interleaved_1f1b", pp_virtual_stages=2),
+        cluster=dict(gpu="a100-80gb", gpus_per_node=8, nodes=384),
+        simulation=dict(rank_timeout_s=3000),  # one class's build at 512 micro-batches
+        dp=6),
 }
 
 
@@ -75,11 +86,13 @@ def run_once(config: Path, n: int, dp: int, memo: bool, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="the small plan of the same structure")
+    ap.add_argument("--plan", choices=sorted(PLANS), default=None,
+                    help="a plan by name (default: issue; --small is --plan small)")
     ap.add_argument("--counts", type=int, nargs="+", default=[16, 144])
     ap.add_argument("--memo", choices=["on", "off", "both"], default="both")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    name = "small" if args.small else "issue"
+    name = args.plan or ("small" if args.small else "issue")
     plan = dict(PLANS[name])
     dp = plan.pop("dp")
     memos = {"on": [True], "off": [False], "both": [True, False]}[args.memo]
@@ -107,7 +120,7 @@ def main() -> None:
     for k, v in result["ratios"].items():
         print(f"  {k}: {v:.2f}x")
     print(f"  memo and full execution give the same step time and peak: {result['same_plan']}")
-    out = args.out or HERE / "results" / f"pipeline_memo{'-small' if args.small else ''}.json"
+    out = args.out or HERE / "results" / f"pipeline_memo{'' if name == 'issue' else '-' + name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
