@@ -530,18 +530,24 @@ def test_version(capsys):
     assert out.startswith("simdist 0.1.0") and "torch 2." in out
 
 
-def test_cache_commands_cover_the_layer_store(tmp_path, capsys):
+def test_cache_commands_cover_the_layer_and_plan_stores(tmp_path, capsys):
     from simdist.cli import main
 
     store = tmp_path / "cache" / "layers" / "memo1-torch-x"
     store.mkdir(parents=True)
     (store / "ab.arrow").write_bytes(b"\0" * 1000)
+    plans = tmp_path / "cache" / "plans" / "plan1-torch-x"
+    for name in ("cd", "ef"):
+        (plans / name).mkdir(parents=True)
+        (plans / name / "plan.json").write_bytes(b"\0" * 300)
     assert main(["cache", "info", "--cache-dir", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
     assert "layer store memo1-torch-x" in out and "entries 1" in out and "1000 bytes" in out
+    assert "plan store plan1-torch-x" in out and "entries 2" in out and "600 bytes" in out
     assert main(["cache", "clear", "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert "layer store" in capsys.readouterr().out
+    assert "plan store" in capsys.readouterr().out
     assert not (tmp_path / "cache" / "layers").exists()
+    assert not (tmp_path / "cache" / "plans").exists()
     a_file = tmp_path / "file"
     a_file.write_text("")
     assert main(["cache", "info", "--cache-dir", str(a_file)]) == 2
