@@ -161,7 +161,8 @@ def main() -> int:
             continue
         u = r["reuse"]
         print(f"{name}: {r['simulated']} plans simulated ({r['skipped']} skipped, {r['failed']} "
-              f"failed) in {r['wall_s']:.1f} s = {r['plans_per_s']:.3f} plans/s; layer store "
+              f"failed) in {r['wall_s']:.1f} s = {r['plans_per_s']:.3f} plans/s; plans copied "
+              f"from the plan store {u.get('plans_reused', 0)}; the others: layer store "
               f"hits {u['layer_hits']} / misses {u['layer_misses']} (hit rate "
               f"{100 * u['layer_hit_rate']:.0f}%), blocks executed {u['blocks_executed']} of "
               f"{u['blocks_total']}; dispatch cache hits {u['dispatch_hits']:,} / misses "
