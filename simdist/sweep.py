@@ -303,7 +303,8 @@ class SimulationSession:
                     else:
                         case.failed = f"internal error: {one_line(e)}"
                 else:
-                    plan.summary["cache"]["plan"] = dict(reused=False, kept=key is not None)
+                    plan.summary.setdefault("cache", {})["plan"] = dict(reused=False,
+                                                                        kept=key is not None)
                     case.summary = plan.summary
                     plan.write(out, report=False)  # the sweep's own page covers its plans
                     case.run_dir = f"{PLANS_DIR}/{case.plan_id}"

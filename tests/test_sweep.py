@@ -386,6 +386,7 @@ def fake_simulation(monkeypatch):
     import contextlib
 
     import simdist.coordinator as coordinator
+    import simdist.sweep
 
     async def fake(run, **kw):  # noqa: ANN001, ANN003, ANN202
         tp = run.cfg.parallel.tp
@@ -397,6 +398,8 @@ def fake_simulation(monkeypatch):
 
     monkeypatch.setattr(coordinator, "simulate_async", fake)
     monkeypatch.setattr(coordinator, "ray_session", lambda *a, **k: contextlib.nullcontext())
+    # the plan store off: the session's cache may keep these plans from other tests
+    monkeypatch.setattr(simdist.sweep.SimulationSession, "_kept", lambda self, case: (None, None))
 
 
 def test_a_failing_plan_is_a_row_and_the_sweep_goes_on(fake_simulation, tmp_path):

@@ -21,7 +21,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 DUCK = {"int32": "INTEGER", "int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR",
         "bool": "BOOLEAN"}
 RUN_TABLES = ("ranks", "ops", "collectives", "memory", "kernels")
-SEARCH_ONLY = {"prior_step_time_s", "prior_tokens_per_s", "prior_peak_bytes"}
+SEARCH_ONLY = {"prior_step_time_s", "prior_tokens_per_s", "prior_peak_bytes", "found_by"}
 
 
 def readme_columns(table: str) -> dict[str, str]:
