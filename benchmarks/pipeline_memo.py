@@ -11,7 +11,9 @@ a user's first run. The figure is plan.json's `sim_wall_s`; the process wall is 
 TP2 x PP4 (interleaved, v=2) x DP2 on 16 GPUs. `--plan pp64` runs the issue's largest plan
 (Narayanan et al. 2021's 1T row): GPT 128 layers, hidden 25600, 160 heads, TP8 x PP64
 (interleaved, v=2: 128 stages of 1 block, too shallow for the layer memo) x DP6 on 3072
-A100s, 512 micro-batches (`--counts 512 --memo on`; executed in full it does not finish).
+A100s, 512 micro-batches (`--counts 512 --memo on`; executed in full it does not finish);
+`--plan pp64-narayanan` the same plan as the paper ran it (full recompute, DDP reducing once
+per step, no sequence parallelism: tests/published_runs.py's assumptions for Table 1).
 
     python benchmarks/pipeline_memo.py                  # the issue's plan (tens of minutes)
     python benchmarks/pipeline_memo.py --small          # a few minutes
@@ -57,6 +59,18 @@ PLANS = {
         parallel=dict(tp=8, pp=64, pp_schedule="interleaved_1f1b", pp_virtual_stages=2),
         cluster=dict(gpu="a100-80gb", gpus_per_node=8, nodes=384),
         simulation=dict(rank_timeout_s=3000),  # one class's build at 512 micro-batches
+        dp=6),
+    # the same plan as Narayanan et al. ran it (tests/published_runs.py's assumptions for their
+    # Table 1: full recompute, plain data parallelism reducing once per step, no sequence
+    # parallelism, 2021 attention, fused pointwise kernels)
+    "pp64-narayanan": dict(
+        model=dict(preset="gpt-146b", n_layers=128, dim=25600, n_heads=160),
+        training=dict(seq_len=2048, micro_batch=1, activation_checkpointing="full",
+                      attention="eager", grad_sync="per_step", compile=True),
+        parallel=dict(tp=8, pp=64, pp_schedule="interleaved_1f1b", pp_virtual_stages=2,
+                      dp_replicate=6, dp_shard=1, sequence_parallel=False),
+        cluster=dict(gpu="a100-80gb", gpus_per_node=8, nodes=384),
+        simulation=dict(rank_timeout_s=3000),
         dp=6),
 }
 
