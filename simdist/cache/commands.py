@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,36 +90,36 @@ def info(cache_dir: str | None) -> int:
     return EXIT_OK
 
 
-def _layer_info(root: Path, current: str | None) -> None:
-    """The layer store (cache/layers.py): one line per memo-format / torch-version directory."""
-    from simdist.cache.layers import LayerStore
-
-    base = root / "layers"
+def _version_dirs(base: Path, what: str, mine: str | None) -> Iterator[Path]:
+    """A store's format / torch-version directories, each after its heading line."""
     dirs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
     if not dirs:
-        print("layer store: empty")
-    mine = LayerStore(root, current, 0).dir.name if current else None
+        print(f"{what}: empty")
     for d in dirs:
+        print(f"{what} {d.name}{'  (this install)' if d.name == mine else ''}")
+        yield d
+
+
+def _layer_info(root: Path, current: str | None) -> None:
+    """The layer store (cache/layers.py)."""
+    from simdist.cache.layers import LayerStore
+
+    mine = LayerStore(root, current, 0).dir.name if current else None
+    for d in _version_dirs(root / "layers", "layer store", mine):
         files = [p for p in d.glob("*.arrow") if p.is_file()]
         nbytes = sum(p.stat().st_size for p in files)
         rebuilt = sum(p.name.endswith(".rebuilt.arrow") for p in files)
-        print(f"layer store {d.name}{'  (this install)' if d.name == mine else ''}")
         print(f"  entries {len(files) - rebuilt} (layer-memo models) + {rebuilt} (rebuilt "
               f"ranks), {_human(nbytes)} ({nbytes} bytes)")
 
 
 def _plan_info(root: Path, current: str | None) -> None:
-    """The plan store (cache/plans.py): one line per plan-format / torch-version directory."""
+    """The plan store (cache/plans.py)."""
     from simdist.cache.plans import PlanStore
 
-    base = root / "plans"
-    dirs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-    if not dirs:
-        print("plan store: empty")
     mine = PlanStore(root, current, 0).dir.name if current else None
-    for d in dirs:
+    for d in _version_dirs(root / "plans", "plan store", mine):
         n, nbytes = PlanStore(root, d.name.rsplit("-torch-", 1)[-1], 0).usage()
-        print(f"plan store {d.name}{'  (this install)' if d.name == mine else ''}")
         print(f"  entries {n} (simulated plans of sweeps and searches), {_human(nbytes)} "
               f"({nbytes} bytes)")
 

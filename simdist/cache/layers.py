@@ -54,12 +54,16 @@ _REBUILT = ".rebuilt.arrow"
 _reported: set[str] = set()
 
 
+EXECUTION_SOURCES = ("mode", "models", "parallel")  # the code that executes ranks
+
+
 @cache
-def source_digest() -> str:
-    """blake2b of simdist's execution code (mode/, models/, parallel/)."""
+def source_digest(subpackages: tuple[str, ...] = EXECUTION_SOURCES) -> str:
+    """blake2b of simdist's source files under `subpackages` (default: the execution code;
+    ("."): every file of the package)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.blake2b(digest_size=16)
-    for sub in ("mode", "models", "parallel"):
+    for sub in subpackages:
         for p in sorted((root / sub).rglob("*.py")):
             h.update(p.relative_to(root).as_posix().encode())
             h.update(p.read_bytes())
@@ -141,7 +145,7 @@ class LayerStore:
             table = pa.table({"part": list(tables), "ipc": blobs}, schema=_TABLES_SCHEMA)
             table = table.replace_schema_metadata({_META_FIELDS: json.dumps(fields).encode()})
         except (pa.ArrowException, TypeError, ValueError) as e:
-            _warn_once(str(self.dir), f"simdist cache: rebuilt rank not stored: {e}")
+            warn_once(str(self.dir), f"simdist cache: rebuilt rank not stored: {e}")
             return
         self._write(self._path(key, _REBUILT), table, key)
 
@@ -178,7 +182,7 @@ class LayerStore:
             os.replace(tmp, path)
             self._evict()
         except OSError as e:
-            _warn_once(str(self.dir), f"simdist cache: layer memo not stored in {self.dir}: {e}")
+            warn_once(str(self.dir), f"simdist cache: layer memo not stored in {self.dir}: {e}")
 
     def files(self, rebuilt: bool = False) -> list[Path]:
         """The models' files (`rebuilt`: also the rebuilt ranks')."""
@@ -202,14 +206,15 @@ class LayerStore:
                 total -= size
 
     def _quarantine(self, path: Path, problem: str) -> None:
-        _warn_once(str(path), f"simdist cache: ignoring {path}: {problem}")
+        warn_once(str(path), f"simdist cache: ignoring {path}: {problem}")
         with contextlib.suppress(OSError):
             q = self.root / "quarantine"
             q.mkdir(parents=True, exist_ok=True)
             os.replace(path, q / path.name)
 
 
-def _warn_once(key: str, msg: str) -> None:
+def warn_once(key: str, msg: str) -> None:
+    """A CacheWarning, once per `key` per process."""
     if key not in _reported:
         _reported.add(key)
         warnings.warn(msg, CacheWarning, stacklevel=3)

@@ -29,30 +29,18 @@ import json
 import os
 import secrets
 import shutil
-import warnings
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from simdist.cache.store import CacheWarning, max_bytes_default, resolve_dir
+from simdist.cache.layers import source_digest, warn_once
+from simdist.cache.store import max_bytes_default, resolve_dir
 
 PLAN_FORMAT = 1
 FILES = ("plan.json", "ranks.parquet", "ops.parquet", "collectives.parquet", "memory.parquet",
          "kernels.parquet", "timeline.json")
 _KEY_FILE = "key.txt"
-_reported: set[str] = set()
-
-
-@cache
-def package_digest() -> str:
-    """blake2b of every simdist source file (planning, execution, cost model and merge)."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.blake2b(digest_size=16)
-    for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+WHOLE_PACKAGE = (".",)  # a result depends on planning, execution, cost model and merge
 
 
 def _file_digest(path: str | os.PathLike) -> str:
@@ -76,7 +64,7 @@ def plan_key(config: dict[str, Any], exhaustive: bool) -> str | None:
     except OSError:
         return None
     return (f"plan{PLAN_FORMAT} torch {torch.__version__} transformers {tf} "
-            f"src {package_digest()} calibration {calib_digest} exhaustive {bool(exhaustive)} "
+            f"src {source_digest(WHOLE_PACKAGE)} calibration {calib_digest} exhaustive {bool(exhaustive)} "
             f"config {json.dumps(config, sort_keys=True, default=str)}")
 
 
@@ -145,7 +133,7 @@ class PlanStore:
             self._evict()
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            _warn_once(str(self.dir), f"simdist cache: plan not kept in {self.dir}: {e}")
+            warn_once(str(self.dir), f"simdist cache: plan not kept in {self.dir}: {e}")
 
     def entries(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -170,7 +158,7 @@ class PlanStore:
             total -= size
 
     def _drop(self, entry: Path, problem: str) -> None:
-        _warn_once(str(entry), f"simdist cache: ignoring {entry}: {problem}")
+        warn_once(str(entry), f"simdist cache: ignoring {entry}: {problem}")
         shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -181,9 +169,3 @@ def _dir_size(p: Path) -> int:
             with contextlib.suppress(OSError):
                 total += f.stat().st_size
     return total
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _reported:
-        _reported.add(key)
-        warnings.warn(msg, CacheWarning, stacklevel=3)
