@@ -302,6 +302,10 @@ class SimulationConfig(BaseModel):
     # Rebuild a pipeline step of many micro-batches from steps of a few, verified on a longer
     # one (exact; see simdist/mode/pipeline_memo.py). false: execute every micro-batch.
     pipeline_memo: bool = True
+    # Rebuild the middle ranks of a pipeline (neither first nor last stage) from one of them:
+    # they run one program in another order (exact; see simdist/mode/stage_share.py). false:
+    # every middle rank's class is simulated on its own.
+    stage_sharing: bool = True
 
     @field_validator("cache_dir")
     @classmethod

@@ -19,8 +19,8 @@ import torch
 import simdist
 from simdist.calibrate import calibration_for
 from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
-from simdist.memo import (LayeredPipelineJob, MemoJob, PipelineJob, executions, open_memo,
-                          simulate_task)
+from simdist.memo import (LayeredPipelineJob, MemoJob, PipelineJob, open_memo,
+                          planned_executions, simulate_classes)
 from simdist.plan import ClusterPlan, merge
 from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
@@ -219,9 +219,11 @@ class Progress:
                 self._phases.console = None
 
 
-def nothing_to_execute(jobs: list[MemoJob | PipelineJob | LayeredPipelineJob | None]) -> bool:
-    """Every rank is rebuilt from the layer store: no execution, so no Ray and no actor."""
-    return all(j is not None for j in jobs) and sum(executions(j) for j in jobs) == 0
+def nothing_to_execute(tasks: list[RankTask],
+                       jobs: list[MemoJob | PipelineJob | LayeredPipelineJob | None]) -> bool:
+    """Every rank is rebuilt from the layer store (or from another rank that is): no
+    execution, so no Ray and no actor."""
+    return all(j is not None for j in jobs) and planned_executions(tasks, jobs) == 0
 
 
 async def build_in_driver(tasks: list[RankTask],
@@ -233,8 +235,7 @@ async def build_in_driver(tasks: list[RankTask],
     benchmarks/README.md, scale_16k)."""
     from simdist.workers.local import LocalPool
 
-    pool = LocalPool()
-    return [await simulate_task(pool, task, job) for task, job in zip(tasks, jobs)]
+    return await simulate_classes(LocalPool(), tasks, jobs)
 
 
 async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: float,
@@ -251,7 +252,7 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     from simdist.workers.pool import ActorPool, pool_size, start_workers
 
     jobs = jobs if jobs is not None else [open_memo(t) for t in tasks]
-    n_exec = sum(executions(j) for j in jobs)
+    n_exec = planned_executions(tasks, jobs)
     in_driver = n_exec == 0
     if in_driver:
         actors = []
@@ -273,13 +274,8 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
         phases(f"rebuilding {n_memo} class(es) from short runs through the layer / pipeline memo")
     bar = Progress(len(tasks), progress, phases)
 
-    async def one(task: RankTask, job: Any) -> RankTrace:
-        trace = await simulate_task(pool, task, job)
-        bar.advance()
-        return trace
-
     try:
-        traces = await asyncio.gather(*(one(t, j) for t, j in zip(tasks, jobs)))
+        traces = await simulate_classes(pool, tasks, jobs, bar.advance)
     except BaseException:
         if run_cache is not None:  # (`finish` ends it on success)
             run_cache.end()
@@ -335,7 +331,7 @@ async def simulate_async(cfg: SimdistConfig | RunPlan, *, address: str | None = 
     todo = [i for i, tr in enumerate(traces) if tr is None]
     tasks = [run.tasks[i] for i in todo]
     jobs = [open_memo(t) for t in tasks]
-    if nothing_to_execute(jobs):
+    if nothing_to_execute(tasks, jobs):
         # Every class's model is stored: rebuild here, without Ray, actors or the dispatch
         # cache's service (nothing is dispatched, so its store is not even loaded).
         phases(f"rebuilding {len(run.tasks)} rank class(es) from the layer store in the "

@@ -31,6 +31,7 @@ from simdist.mode.layer_memo import (BASE_LAYERS, MemoShape, StreamModel, fit_st
 from simdist.mode.pipeline_memo import (FORMAT as PIPELINE_FORMAT, FitError, MemoCounts,
                                         PipelineModel, PipelineShape, fit_pipeline_model,
                                         memo_counts, same_streams)
+from simdist.mode.stage_share import rebuild, share_key, unit_model
 from simdist.mode.streams import summarize
 from simdist.trace import RankTask, RankTrace, StepStreams
 
@@ -42,6 +43,9 @@ class BuildResult:
     seconds: float
     # A layer memo job for one of a LayeredPipelineJob's steps answers its streams instead.
     streams: StepStreams | None = None
+    # A job asked to `share` (the source of other middle ranks, mode/stage_share.py): the
+    # units of the step it rebuilt (None: they do not give the step back).
+    units: PipelineModel | None = None
 
 
 # --- the pipeline memo -----------------------------------------------------------------------------
@@ -64,6 +68,7 @@ class PipelineJob:
     counts: MemoCounts
     key: str
     stored: dict | None
+    share: bool = False  # answer the step's units too (BuildResult.units)
 
     @property
     def fallback(self) -> bool:
@@ -84,14 +89,17 @@ class PipelineJob:
         """The step rebuilt from the stored model (no `runs`) or fitted to the executed counts
         and verified on the longer one."""
         t0 = time.perf_counter()
-        streams, parts = self._streams(runs)
+        streams, parts, model = self._streams(runs)
         trace = (RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
                  if streams is not None else None)
-        return BuildResult(trace, parts, time.perf_counter() - t0)
+        # the units other middle ranks take: the fitted model's (verified on this rank)
+        units = model if self.share and streams is not None else None
+        return BuildResult(trace, parts, time.perf_counter() - t0, units=units)
 
-    def _streams(self, runs: list[StepStreams]) -> tuple[StepStreams | None, dict | None]:
+    def _streams(self, runs: list[StepStreams]
+                 ) -> tuple[StepStreams | None, dict | None, PipelineModel | None]:
         if self.fallback:
-            return None, None
+            return None, None, None
         parts = None
         try:
             if self.stored is not None:
@@ -102,9 +110,9 @@ class PipelineJob:
                     raise FitError(f"the step of {self.counts.verify} micro-batches is not "
                                    "the one the model rebuilds")
                 parts = model.to_parts()
-            return model.streams(self.task.num_microbatches), parts
+            return model.streams(self.task.num_microbatches), parts, model
         except FitError:
-            return None, {"fallback": True} if self.stored is None else None
+            return None, {"fallback": True} if self.stored is None else None, None
 
     @property
     def status(self) -> str:
@@ -156,6 +164,7 @@ class MemoJob:
     key: str  # in the layer store ("" without one)
     stored: dict | None
     streams_only: bool = False
+    share: bool = False  # answer the step's units too (BuildResult.units)
 
     @property
     def fallback(self) -> bool:
@@ -172,11 +181,12 @@ class MemoJob:
         """The rank rebuilt from the stored model (no `runs`) or fitted to the short steps."""
         t0 = time.perf_counter()
         streams, parts = self._streams(runs)
-        trace = None
+        trace = units = None
         if streams is not None and not self.streams_only:
             trace = RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
+            units = _units(self.task, streams) if self.share else None
             streams = None
-        return BuildResult(trace, parts, time.perf_counter() - t0, streams)
+        return BuildResult(trace, parts, time.perf_counter() - t0, streams, units)
 
     def _streams(self, runs: list[StepStreams]) -> tuple[StepStreams | None, dict | None]:
         if self.fallback:
@@ -285,10 +295,13 @@ def executions(job: MemoJob | PipelineJob | None) -> int:
 @dataclass
 class _Cost:
     """What a rank's memo jobs took: every execution, the builds' seconds, and the outcome of
-    each pipeline job (memo / memo-hit / fallback)."""
+    each pipeline job (memo / memo-hit / fallback). `share`: the rank is the source of other
+    middle ranks (mode/stage_share.py), and `units` what it gives them."""
     units: list[RankTrace] = field(default_factory=list)
     build_s: float = 0.0
     pipelines: list[str] = field(default_factory=list)
+    share: bool = False
+    shared: PipelineModel | None = None
 
     def account(self, trace: RankTrace) -> RankTrace:
         """`trace` with what it cost."""
@@ -301,6 +314,24 @@ class _Cost:
         trace.streams = None
         return trace
 
+    def executed(self, task: RankTask, trace: RankTrace) -> RankTrace:
+        """`trace`, `task` executed in full (its streams kept when it shares: its units are
+        made here)."""
+        self.units.append(trace)
+        if self.share and trace.streams is not None:
+            self.shared = _units(task, trace.streams)
+        trace.streams = None
+        return trace
+
+
+def _units(task: RankTask, streams: StepStreams) -> PipelineModel | None:
+    """The units of `task`'s step for other middle ranks, or None where they do not give it
+    back (then those ranks are simulated on their own)."""
+    try:
+        return unit_model(task, streams)
+    except FitError:
+        return None
+
 
 async def _executed_streams(pool: Pool, task: RankTask, cost: _Cost) -> StepStreams:
     """`task` executed as it is; its streams."""
@@ -310,6 +341,11 @@ async def _executed_streams(pool: Pool, task: RankTask, cost: _Cost) -> StepStre
     return streams
 
 
+async def _execute(pool: Pool, task: RankTask, cost: _Cost) -> RankTrace:
+    """`task` executed in full, every micro-batch."""
+    return cost.executed(task, await pool.execute(task, keep_streams=cost.share))
+
+
 async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost,
                       runs: list[StepStreams] | None = None) -> BuildResult:
     """A memo job built from `runs` (its steps obtained elsewhere) or from its own executions,
@@ -317,9 +353,13 @@ async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost,
     if runs is None:
         runs = list(await asyncio.gather(*(_executed_streams(pool, t, cost)
                                            for t in job.short_tasks())))
+    if cost.share and not getattr(job, "streams_only", False):
+        job = replace(job, share=True)
     result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
     store_memo(job, result.parts)
     cost.build_s += result.seconds
+    if result.units is not None:
+        cost.shared = result.units
     return result
 
 
@@ -339,8 +379,7 @@ async def _full(pool: Pool, task: RankTask, job: PipelineJob | None, cost: _Cost
     if trace is not None:
         trace.blocks_total = rank_blocks(task)
     else:
-        trace = await pool.execute(task)
-        cost.units.append(trace)
+        trace = await _execute(pool, task, cost)
     trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
     return trace
 
@@ -362,7 +401,12 @@ async def simulate_task(pool: Pool, task: RankTask,
                         job: MemoJob | PipelineJob | LayeredPipelineJob | None) -> RankTrace:
     """One rank: executed in full (`job` None), or through its memo job — the executions side
     by side, the builds, the store, and a full execution where a memo does not fit."""
-    cost = _Cost()
+    return await _simulate(pool, task, job, _Cost())
+
+
+async def _simulate(pool: Pool, task: RankTask,
+                    job: MemoJob | PipelineJob | LayeredPipelineJob | None,
+                    cost: _Cost) -> RankTrace:
     if isinstance(job, LayeredPipelineJob):
         steps = None
         if job.pipeline.stored is None:
@@ -370,8 +414,7 @@ async def simulate_task(pool: Pool, task: RankTask,
                                                 for j in job.layers)))
         trace = await _through_pipeline(pool, job.pipeline, steps, cost)
         if trace is None:  # the few-micro-batch steps do not fit the pipeline memo's model
-            trace = await pool.execute(task)
-            cost.units.append(trace)
+            trace = await _execute(pool, task, cost)
             trace.layer_memo = "fallback"
             trace.pipeline_memo = _pipeline_status(task, cost.pipelines)
         else:
@@ -388,6 +431,94 @@ async def simulate_task(pool: Pool, task: RankTask,
     else:
         _memo_status(trace, job.shape, task, cost)
     return cost.account(trace)
+
+
+# --- stage sharing: middle pipeline ranks rebuilt from one of them ---------------------------------
+
+@dataclass(frozen=True)
+class SharedJob:
+    """A middle pipeline rank rebuilt from another's units (mode/stage_share.py); picklable, so
+    an actor builds it."""
+    task: RankTask
+    source: RankTask
+    units: PipelineModel
+
+    def build(self, runs: list[StepStreams]) -> BuildResult:
+        """The rank's trace, or none where the units lack one its order needs."""
+        t0 = time.perf_counter()
+        try:
+            streams = rebuild(self.units, self.source, self.task)
+        except FitError:
+            return BuildResult(None, None, time.perf_counter() - t0)
+        trace = RankTrace(rank=self.task.rank, wall_s=0.0, **summarize(streams))
+        return BuildResult(trace, None, time.perf_counter() - t0)
+
+
+def share_sources(tasks: list[RankTask], jobs: list[Any]) -> list[int | None]:
+    """For each task, the index of the task it is rebuilt from (None: it is simulated itself).
+    Within each group of middle ranks that can share (stage_share.share_key), the source is
+    the one with the fewest executions to do (a stored model first), then the first."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        key = share_key(t) if t.stage_sharing else None
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    out: list[int | None] = [None] * len(tasks)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        source = min(members, key=lambda i: (executions(jobs[i]), i))
+        for i in members:
+            out[i] = None if i == source else source
+    return out
+
+
+def planned_executions(tasks: list[RankTask], jobs: list[Any]) -> int:
+    """Executions the classes need, the ranks rebuilt from another not counted."""
+    return sum(executions(j) for j, s in zip(jobs, share_sources(tasks, jobs)) if s is None)
+
+
+async def simulate_classes(pool: Pool, tasks: list[RankTask], jobs: list[Any],
+                           done: Any = None) -> list[RankTrace]:
+    """Every class (`jobs`: their memo jobs), side by side: each through the memo protocol,
+    except the middle pipeline ranks another one's units rebuild (`share_sources`; one that
+    needs a unit its source lacks is simulated itself). `done()` after each class."""
+    sources = share_sources(tasks, jobs)
+    loop = asyncio.get_running_loop()
+    units: dict[int, asyncio.Future] = {s: loop.create_future() for s in sources
+                                        if s is not None}
+
+    async def one(i: int) -> RankTrace:
+        task, job, source = tasks[i], jobs[i], sources[i]
+        trace = None
+        if source is not None and (model := await units[source]) is not None:
+            trace = await _shared(pool, task, tasks[source], model)
+        if trace is None:
+            cost = _Cost(share=i in units)
+            try:
+                trace = await _simulate(pool, task, job, cost)
+            except BaseException as e:
+                if i in units:
+                    units[i].set_exception(e)
+                raise
+            if i in units:
+                units[i].set_result(cost.shared)
+        if done is not None:
+            done()
+        return trace
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(tasks)))))
+
+
+async def _shared(pool: Pool, task: RankTask, source: RankTask,
+                  units: PipelineModel) -> RankTrace | None:
+    result = await pool.build(SharedJob(task, source, units), [])
+    trace = result.trace
+    if trace is None:
+        return None
+    trace.layer_memo = trace.pipeline_memo = "shared"
+    trace.blocks_total = rank_blocks(task)
+    return _Cost(build_s=result.seconds).account(trace)
 
 
 def account_stored(job: MemoJob, trace: RankTrace, seconds: float) -> RankTrace:

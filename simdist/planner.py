@@ -95,7 +95,8 @@ def plan_run(cfg: SimdistConfig, *, use_cache: bool = True, exhaustive: bool = F
                       parallel=cfg.parallel, num_microbatches=cfg.num_microbatches,
                       layer_memo=use_cache and cfg.simulation.layer_memo,
                       layer_cache_dir=cache_dir,
-                      pipeline_memo=use_cache and cfg.simulation.pipeline_memo)
+                      pipeline_memo=use_cache and cfg.simulation.pipeline_memo,
+                      stage_sharing=use_cache and cfg.simulation.stage_sharing)
              for ranks in classes]
     return RunPlan(cfg, spec, gpu, layout, classes, tasks, exhaustive,
                    num_params=count_params(model),

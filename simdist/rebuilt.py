@@ -56,7 +56,7 @@ def stored_rank(task: RankTask) -> RankTrace | None:
 
 def keep_rebuilt(task: RankTask, trace: RankTrace) -> None:
     """Keep `trace` (a class rebuilt through the memo) for later runs."""
-    if trace.layer_memo not in ("memo", "memo-hit"):
+    if trace.layer_memo not in ("memo", "memo-hit", "shared"):
         return
     entry = _entry(task)
     if entry is None or not table_relabellable(trace.collectives, task):

@@ -142,6 +142,9 @@ class RankTask:
     # Rebuild a pipeline step of many micro-batches from steps of a few (the pipeline memo,
     # mode/pipeline_memo.py) where it applies.
     pipeline_memo: bool = True
+    # Rebuild this rank from another middle rank of its pipeline where both are simulated in
+    # one run (mode/stage_share.py; the coordinator groups them).
+    stage_sharing: bool = True
 
     def __post_init__(self) -> None:
         p = self.parallel
@@ -226,5 +229,6 @@ class RankTrace:
     # micro-batches, fitted, verified, rebuilt), "memo-hit" (its model read from the layer
     # store), "fallback" (memo tried, did not fit: executed in full), "full" (not applicable:
     # no pipeline, too few micro-batches to gain, or nothing executed), "off" (turned off:
-    # simulation.pipeline_memo).
+    # simulation.pipeline_memo), "shared" (rebuilt from another middle rank of the pipeline:
+    # mode/stage_share.py).
     pipeline_memo: str = "full"

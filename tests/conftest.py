@@ -17,7 +17,8 @@ from simdist.layout import MeshLayout
 from simdist.memo import simulate_rank
 from simdist.trace import RankTask, RankTrace
 
-_TASK_FIELDS = ("all_microbatches", "layer_memo", "layer_cache_dir", "pipeline_memo")
+_TASK_FIELDS = ("all_microbatches", "layer_memo", "layer_cache_dir", "pipeline_memo",
+               "stage_sharing")
 
 
 def spec(preset: str, seq_len: int = 256, attention: str = "flash", routing: str = "balanced",

@@ -83,11 +83,12 @@ def layer_summary(traces: list, cache_dir: str | None) -> dict[str, Any]:
     """plan.json `cache.layer`: how each class's blocks were obtained (mode/layer_memo.py).
     hits: memo models read from the layer store (nothing executed); misses: classes executed
     short and fitted (then stored); fallbacks: memo tried, did not fit, executed in full; full:
-    memo not applicable or off. size / bytes: models in the store after the run."""
+    memo not applicable or off; shared: middle pipeline ranks rebuilt from another
+    (mode/stage_share.py). size / bytes: models in the store after the run."""
     status = Counter(tr.layer_memo for tr in traces)
     out: dict[str, Any] = dict(
         enabled=cache_dir is not None, hits=status["memo-hit"], misses=status["memo"],
-        fallbacks=status["fallback"], full=status["full"],
+        fallbacks=status["fallback"], full=status["full"], shared=status["shared"],
         blocks_executed=sum(tr.blocks_executed for tr in traces),
         blocks_total=sum(tr.blocks_total for tr in traces), size=0, bytes=0)
     if cache_dir is not None:
@@ -103,10 +104,11 @@ def pipeline_summary(traces: list) -> dict[str, int]:
     """plan.json `cache.pipeline`: how each class's micro-batches were obtained
     (mode/pipeline_memo.py; RankTrace.pipeline_memo): classes fitted from a few micro-batches
     (misses), rebuilt from the layer store (hits), tried and executed in full (fallbacks), not
-    applicable (full) or turned off (off)."""
+    applicable (full) or turned off (off); middle ranks rebuilt from another middle rank's
+    units (shared, mode/stage_share.py)."""
     status = Counter(tr.pipeline_memo for tr in traces)
     return dict(hits=status["memo-hit"], misses=status["memo"], fallbacks=status["fallback"],
-                full=status["full"], off=status["off"])
+                full=status["full"], off=status["off"], shared=status["shared"])
 
 
 def _op_counts(traces: list) -> dict[str, int]:

@@ -1,0 +1,161 @@
+"""Pipeline ranks that share one execution: the middle ranks of a pipeline (neither the first
+stage's nor the last stage's) rebuilt from the step of one of them, without executing.
+
+Why this is exact. A middle rank runs the same program as every other middle rank: the same
+module types with the same config and parameter shard layout in each of its stages (the same
+number of blocks in each, so the same shapes), the same input metadata (activations received
+from the previous stage, gradients from the next: no embedding, no head, no loss), the same
+collectives on the same groups; torch.distributed.pipelining's schedule differs only in the
+order of the actions (mode/pipeline_order.py gives it for any rank). What the pipeline memo
+proves of one rank (mode/pipeline_memo.py: every unit of one key is identical within a run, the
+key being what the unit is, not where it stands) therefore holds across these ranks, once the
+three things that name the rank's place are translated: the stage ids (in the units' keys, the
+waits between units and the schedule's marks), the blocks' indices in module names
+(`layers.N`: the stage's own blocks), and the point-to-point peers (the previous and next pipeline
+rank, by their rank in the pipeline group). So a middle rank's step is the source rank's units
+composed in the middle rank's own order, translated — the pipeline memo's composition, with
+another rank's order.
+
+What must hold for two ranks to share, and is the share key (`share_key`): both middle ranks of
+the same plan (the execution signature with the pipeline coordinate replaced by "middle"), with
+the same number of blocks in each of their stages. Where the source rank's units lack a key the
+target's order needs (a warm-up length only that rank has), the target executes itself. Tests
+compare every shared rank with its full execution, row for row, for every schedule."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from simdist.execution_key import execution_signature
+from simdist.mode.layer_memo import _block_pattern
+from simdist.mode.pipeline_memo import (FitError, Piece, PipelineModel, PipelineShape,
+                                        _normalise, _Template, same_streams)
+from simdist.mode.pipeline_order import Act
+from simdist.parallel.pipeline import rank_stage_ids, split_layers
+from simdist.trace import RankTask, StepStreams
+
+_MARK = re.compile(r"^(begin|end) (\S+) (\d+) (.*)$")
+
+
+def pipeline_rank(task: RankTask) -> int:
+    return task.layout.coords(task.rank)["pp"]
+
+
+def stage_ids(task: RankTask) -> list[int]:
+    par = task.parallel
+    return rank_stage_ids(pipeline_rank(task), par.pp, par.stages_per_rank)
+
+
+def _depths(task: RankTask) -> list[int]:
+    split = split_layers(task.model.n_layers or 0, task.parallel.stages, task.parallel.pp_layers)
+    return [len(split[s]) for s in stage_ids(task)]
+
+
+def share_key(task: RankTask) -> str | None:
+    """The key ranks that can share one execution have in common; None for a rank that cannot
+    (no pipeline, the first or the last pipeline rank: they hold the first or last stage)."""
+    par = task.parallel
+    if par.pp < 3 or not 0 < pipeline_rank(task) < par.pp - 1:
+        return None
+    sig = json.loads(execution_signature(task))
+    sig["position"]["pp"] = "middle"
+    sig["depths"] = _depths(task)
+    return json.dumps(sig, sort_keys=True, separators=(",", ":"))
+
+
+def pipeline_shape(task: RankTask) -> PipelineShape:
+    par = task.parallel
+    return PipelineShape(par.pp_schedule, par.pp, par.stages, pipeline_rank(task))
+
+
+def unit_model(task: RankTask, streams: StepStreams) -> PipelineModel:
+    """The pipeline memo's model of `task`'s executed (or rebuilt) step, from that one step: its
+    units by key, prologue and epilogue as they are. FitError where two units of one key
+    differ or the model does not give the step back."""
+    shape, n = pipeline_shape(task), task.num_microbatches
+    run = _normalise(streams, shape, n)
+    model = PipelineModel(shape, n,
+                          {k: [Piece(v, False)] for k, v in run.prologue.items()},
+                          {k: [Piece(v, False)] for k, v in run.epilogue.items()},
+                          {k: _Template(t) for k, t in run.units.items()}, run.scalars)
+    if not same_streams(model.streams(n), streams):
+        raise FitError("the units do not give the step back")
+    return model
+
+
+@dataclass(frozen=True)
+class StageMap:
+    """What names `source`'s place, and what names `target`'s instead."""
+    source: RankTask
+    target: RankTask
+
+    @cached_property
+    def stages(self) -> dict[int, int]:
+        """Target stage id -> source stage id (stage k of one rank is stage k of the other)."""
+        return dict(zip(stage_ids(self.target), stage_ids(self.source)))
+
+    @cached_property
+    def blocks(self) -> dict[int, int]:
+        """Source block index -> target block index."""
+        par = self.source.parallel
+        split = split_layers(self.source.model.n_layers or 0, par.stages, par.pp_layers)
+        return {b: t for s_src, s_dst in zip(stage_ids(self.source), stage_ids(self.target))
+                for b, t in zip(split[s_src], split[s_dst])}
+
+    @cached_property
+    def peer_shift(self) -> int:
+        return pipeline_rank(self.target) - pipeline_rank(self.source)
+
+    def order(self, n: int) -> tuple[Act, ...] | None:
+        """The target's actions for `n` micro-batches, with the source's stage ids."""
+        order = pipeline_shape(self.target).order(n)
+        return None if order is None else tuple(a._replace(stage=self.stages[a.stage])
+                                                for a in order)
+
+
+def rebuild(model: PipelineModel, source: RankTask, target: RankTask) -> StepStreams:
+    """`target`'s step from `source`'s unit model (FitError where a unit it needs is missing)."""
+    m = StageMap(source, target)
+    n = target.num_microbatches
+    order = m.order(n)
+    if order is None:
+        raise FitError(f"the schedule does not accept {n} micro-batches")
+    streams = model.streams(n, order=order)
+    return _translated(streams, m)
+
+
+def _translated(streams: StepStreams, m: StageMap) -> StepStreams:
+    pattern = _block_pattern(source_blocks := m.source.model.block_path)
+    stage_back = {src: dst for dst, src in m.stages.items()}
+    names: dict = {}
+
+    def module(name: object) -> object:
+        if not isinstance(name, str):
+            return name
+        if name not in names:
+            hit = pattern.match(name)
+            names[name] = name if hit is None else (
+                f"{hit.group(1)}{source_blocks}.{m.blocks[int(hit.group(2))]}{hit.group(3) or ''}")
+        return names[name]
+
+    def label(text: str) -> str:
+        hit = _MARK.match(text)
+        if hit is None:
+            return text
+        kind, stage, rest = hit.group(2), int(hit.group(3)), hit.group(4)
+        return f"{hit.group(1)} {kind} {stage_back[stage]} {rest}"
+
+    out = StepStreams(scalars=dict(streams.scalars))
+    out.memory = [e._replace(module=module(e.module)) for e in streams.memory]
+    out.ops = [e._replace(head=e.head._replace(module=module(e.head.module)))
+               for e in streams.ops]
+    out.collectives = [e._replace(module=module(e.module),
+                                  peer=e.peer + m.peer_shift if e.peer >= 0 else e.peer)
+                       for e in streams.collectives]
+    out.kernels = [e._replace(module=module(e.module), wait_module=module(e.wait_module),
+                              label=label(e.label) if e.kind == "mark" else e.label)
+                   for e in streams.kernels]
+    return out
