@@ -31,7 +31,7 @@ from simdist.mode.layer_memo import (BASE_LAYERS, MemoShape, StreamModel, fit_st
 from simdist.mode.pipeline_memo import (FORMAT as PIPELINE_FORMAT, FitError, MemoCounts,
                                         PipelineModel, PipelineShape, fit_pipeline_model,
                                         memo_counts, same_streams)
-from simdist.mode.stage_share import rebuild, share_key, unit_model
+from simdist.mode.stage_share import rebuild, share_key, unit_keys_of, unit_model
 from simdist.mode.streams import summarize
 from simdist.trace import RankTask, RankTrace, StepStreams
 
@@ -456,8 +456,10 @@ class SharedJob:
 
 def share_sources(tasks: list[RankTask], jobs: list[Any]) -> list[int | None]:
     """For each task, the index of the task it is rebuilt from (None: it is simulated itself).
-    Within each group of middle ranks that can share (stage_share.share_key), the source is
-    the one with the fewest executions to do (a stored model first), then the first."""
+    Within each group of middle ranks that can share (stage_share.share_key), sources are
+    chosen until every rank's units are some source's (stage_share.unit_keys_of): the ranks
+    with the most keys first, of those the ones with the fewest executions to do (a stored
+    model first), then the first; each other rank takes the first source that holds its keys."""
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         key = share_key(t) if t.stage_sharing else None
@@ -467,9 +469,13 @@ def share_sources(tasks: list[RankTask], jobs: list[Any]) -> list[int | None]:
     for members in groups.values():
         if len(members) < 2:
             continue
-        source = min(members, key=lambda i: (executions(jobs[i]), i))
-        for i in members:
-            out[i] = None if i == source else source
+        keys = {i: unit_keys_of(tasks[i]) for i in members}
+        sources: list[int] = []
+        for i in sorted(members, key=lambda i: (-len(keys[i]), executions(jobs[i]), i)):
+            source = next((s for s in sources if keys[i] <= keys[s]), None)
+            if source is None:
+                sources.append(i)
+            out[i] = source
     return out
 
 

@@ -10,7 +10,8 @@ import asyncio
 import pytest
 
 from conftest import make_task, spec
-from simdist.memo import open_memo, share_sources, simulate_classes, simulate_rank
+from simdist.memo import (open_memo, planned_executions, share_sources, simulate_classes,
+                          simulate_rank)
 from simdist.mode import stage_share
 from simdist.mode.pipeline_memo import FitError, same_streams
 from simdist.mode.rank import execute_rank
@@ -35,7 +36,8 @@ def _rank_at(task, pp_rank: int) -> int:  # noqa: ANN001
 def _tasks(pp: int, ranks: list[int], blocks_per_stage: int = 2, preset: str = "llama3-debug",
            **kw) -> list:
     stages = pp * kw.get("pp_virtual_stages", 1)
-    model = spec(preset, n_layers=blocks_per_stage * stages, seq_len=SEQ)
+    n_layers = kw.pop("n_layers", blocks_per_stage * stages)
+    model = spec(preset, n_layers=n_layers, seq_len=SEQ)
     base = make_task(model, pp=pp, seq_len=SEQ, **kw)
     return [make_task(model, rank=_rank_at(base, r), pp=pp, seq_len=SEQ, **kw) for r in ranks]
 
@@ -79,32 +81,41 @@ def test_every_schedule_and_plan_shares_exactly(schedule: str, n: int, plan: str
     assert_shared_equals_executed(4, **kw)
 
 
-def test_share_key_is_the_middle_ranks_of_one_program() -> None:
+def _stages16(n: int, **kw) -> list:
     # 126 blocks over 16 stages (as Llama 3 405B): stages 0-13 hold 8, 14-15 hold 7
-    model = spec("llama3-debug", n_layers=126, seq_len=SEQ)
-    base = make_task(model, pp=16, seq_len=SEQ, num_microbatches=16, dp_shard=2)
-    tasks = [make_task(model, rank=_rank_at(base, r), pp=16, seq_len=SEQ, num_microbatches=16,
-                       dp_shard=2) for r in range(16)]
+    return _tasks(16, list(range(16)), blocks_per_stage=0, n_layers=126, num_microbatches=n,
+                  pp_schedule="1f1b", dp_shard=2, **kw)
+
+
+def test_share_key_is_the_middle_ranks_of_one_program() -> None:
+    tasks = _stages16(32)
     keys = [stage_share.share_key(t) for t in tasks]
     assert keys[0] is None and keys[15] is None  # the first and the last stage's ranks
     assert len(set(keys[1:14])) == 1 and keys[14] != keys[13] and keys[14] is not None
     # another data-parallel coordinate is another key (the signature keeps the position)
-    other = make_task(model, rank=_rank_at(base, 3) + 1, pp=16, seq_len=SEQ,
-                      num_microbatches=16, dp_shard=2)
+    other = make_task(tasks[3].model, rank=tasks[3].rank + 1, pp=16, seq_len=SEQ,
+                      num_microbatches=32, dp_shard=2)
     assert stage_share.share_key(other) != keys[3]
-    jobs = [None] * 16
     # ranks 2-13 from rank 1; rank 14, the only middle rank of 7 blocks, simulates itself
+    jobs = [None] * 16
     assert share_sources(tasks, jobs) == [None, None] + [1] * 12 + [None, None]
-    off = [make_task(model, rank=t.rank, pp=16, seq_len=SEQ, num_microbatches=16, dp_shard=2,
-                     stage_sharing=False) for t in tasks]
-    assert share_sources(off, jobs) == [None] * 16
+    assert share_sources(_stages16(32, stage_sharing=False), jobs) == [None] * 16
 
 
-def _classes(**kw) -> list:
-    """The classes of a pp 4 run with both memos: 5 blocks per stage (the layer memo), 18
-    micro-batches (the pipeline memo), interleaved."""
-    return _tasks(4, [0, 1, 2, 3], blocks_per_stage=5, num_microbatches=24,
-                  pp_schedule="interleaved_1f1b", pp_virtual_stages=2, **kw)
+def test_sources_hold_every_key_their_ranks_need() -> None:
+    # 16 micro-batches on 16 stages: torch's 1F1B gives rank r a warm-up of 16 - r forwards, so
+    # rank 1 never runs a forward between two backwards, and only rank 1 runs its last forward
+    # right after the first backward: ranks 2 and 4-13 take rank 3's units (one of the longest
+    # key sets), rank 1 simulates itself
+    tasks = _stages16(16)
+    sources = share_sources(tasks, [None] * 16)
+    assert set(s for s in sources if s is not None) == {3}
+    keys = [stage_share.unit_keys_of(t) for t in tasks]
+    assert not keys[1] <= keys[3] and not keys[2] <= keys[1]
+    for i, s in enumerate(sources):
+        if s is not None:
+            assert keys[i] <= keys[s], i
+    assert sources[1] is None and sources[3] is None and sources[14] is None
 
 
 def _assert_same_trace(a, b) -> None:  # noqa: ANN001
@@ -114,20 +125,39 @@ def _assert_same_trace(a, b) -> None:  # noqa: ANN001
         assert getattr(a, t).equals(getattr(b, t)), t
 
 
-def test_run_rebuilds_middle_ranks_through_both_memos_exactly(tmp_path) -> None:  # noqa: ANN001
-    tasks = _classes(layer_cache_dir=str(tmp_path))
+# The classes of a pp 4 run, by the memo that makes each step: the pipeline memo alone (GPipe,
+# 20 micro-batches: 4, 5, 6 executed), the layer memo alone (5 blocks per stage, 1F1B with 8
+# micro-batches: too few for the pipeline memo) and both (interleaved, 24 micro-batches).
+RUNS = {
+    "pipeline": dict(blocks_per_stage=2, num_microbatches=20, pp_schedule="gpipe",
+                     layer_memo=False),
+    "layer": dict(blocks_per_stage=5, num_microbatches=8, pp_schedule="1f1b"),
+    "both": dict(blocks_per_stage=5, num_microbatches=24, pp_schedule="interleaved_1f1b",
+                 pp_virtual_stages=2),
+}
+STATUS = {"pipeline": ("memo", "memo-hit"), "layer": ("full", "full"),
+          "both": ("memo", "memo-hit")}
+
+
+@pytest.mark.parametrize("memo", [
+    "pipeline", "layer", pytest.param("both", marks=pytest.mark.slow)])
+def test_run_rebuilds_middle_ranks_exactly(memo: str, tmp_path) -> None:  # noqa: ANN001
+    tasks = _tasks(4, [0, 1, 2, 3], layer_cache_dir=str(tmp_path), **RUNS[memo])
     jobs = [open_memo(t) for t in tasks]
     assert share_sources(tasks, jobs) == [None, None, 1, None]
     traces = asyncio.run(simulate_classes(LocalPool(), tasks, jobs))
-    assert [t.pipeline_memo for t in traces] == ["memo", "memo", "shared", "memo"]
-    assert traces[2].blocks_executed == 0 and traces[2].blocks_total == 10
+    cold, warm = STATUS[memo]
+    assert [t.pipeline_memo for t in traces] == [cold, cold, "shared", cold]
+    assert traces[2].blocks_executed == 0 and traces[2].blocks_total == traces[1].blocks_total
     # rank 2's own simulation, every block and micro-batch executed
-    full = simulate_rank(_classes(layer_memo=False, pipeline_memo=False)[2])
+    kw = {**RUNS[memo], "layer_memo": False, "pipeline_memo": False}
+    full = simulate_rank(_tasks(4, [2], **kw)[0])
     _assert_same_trace(traces[2], full)
-    # a later run: the source's models are stored, nothing executes, rank 2 still shared
+    # a later run: the source's model is stored, it executes nothing, rank 2 is still shared
     jobs = [open_memo(t) for t in tasks]
+    assert planned_executions(tasks, jobs) == 0
     traces = asyncio.run(simulate_classes(LocalPool(), tasks, jobs))
-    assert [t.pipeline_memo for t in traces] == ["memo-hit"] * 2 + ["shared", "memo-hit"]
+    assert [t.pipeline_memo for t in traces] == [warm, warm, "shared", warm]
     _assert_same_trace(traces[2], full)
 
 

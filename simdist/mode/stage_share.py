@@ -32,7 +32,7 @@ from functools import cached_property
 from simdist.execution_key import execution_signature
 from simdist.mode.layer_memo import _block_pattern
 from simdist.mode.pipeline_memo import (FitError, Piece, PipelineModel, PipelineShape,
-                                        _normalise, _Template, same_streams)
+                                        _normalise, _Template, same_streams, unit_keys)
 from simdist.mode.pipeline_order import Act
 from simdist.parallel.pipeline import rank_stage_ids, split_layers
 from simdist.trace import RankTask, StepStreams
@@ -64,6 +64,28 @@ def share_key(task: RankTask) -> str | None:
     sig["position"]["pp"] = "middle"
     sig["depths"] = _depths(task)
     return json.dumps(sig, sort_keys=True, separators=(",", ":"))
+
+
+def unit_keys_of(task: RankTask) -> frozenset:
+    """The keys of the units `task`'s order needs (mode/pipeline_memo.py: unit_keys), stage ids
+    as the rank's k-th stage: a rank rebuilds from another whose keys hold all of its own
+    (torch's 1F1B with as many micro-batches as stages gives every middle rank its own warm-up
+    length, and the steady state's shortest ranks lack keys the longer ones have)."""
+    shape, n, pp = pipeline_shape(task), task.num_microbatches, task.parallel.pp
+    order = shape.order(n)
+    if order is None:
+        return frozenset()
+
+    def relative(key: tuple) -> tuple:
+        key = list(key)
+        key[1] //= pp
+        if len(key) > 3 and isinstance(key[3], tuple):  # the previous action (GPipe, 1F1B)
+            prev = list(key[3])
+            prev[1] //= pp
+            key[3] = tuple(prev)
+        return tuple(key)
+
+    return frozenset(relative(k) for k in unit_keys(shape, order, n))
 
 
 def pipeline_shape(task: RankTask) -> PipelineShape:
