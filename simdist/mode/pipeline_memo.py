@@ -417,11 +417,10 @@ class PipelineModel:
     units: dict[tuple, _Template]
     scalars: dict[str, Any]
 
-    def streams(self, n: int, order: tuple[Act, ...] | None = None) -> StepStreams:
+    def streams(self, n: int) -> StepStreams:
         """The step for `n` micro-batches (FitError where a unit's key or a wait's target is
-        missing). `order`: the actions to compose (default: this rank's own order; another
-        rank's, in this rank's stage ids, for mode/stage_share.py)."""
-        order = order if order is not None else self.shape.order(n)
+        missing)."""
+        order = self.shape.order(n)
         if order is None:
             raise FitError(f"the schedule does not accept {n} micro-batches")
         out = {name: _pieces_at(self.prologue[name], self.n0, n) for name in STREAMS}

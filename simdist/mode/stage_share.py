@@ -31,11 +31,10 @@ from functools import cached_property
 
 from simdist.execution_key import execution_signature
 from simdist.mode.layer_memo import _block_pattern
-from simdist.mode.pipeline_memo import (FitError, Piece, PipelineModel, PipelineShape,
+from simdist.mode.pipeline_memo import (FitError, Piece, PipelineModel, PipelineShape, Ref,
                                         _normalise, _Template, same_streams, unit_keys)
-from simdist.mode.pipeline_order import Act
 from simdist.parallel.pipeline import rank_stage_ids, split_layers
-from simdist.trace import RankTask, StepStreams
+from simdist.trace import CollectiveEvent, KernelEvent, RankTask, StepStreams
 
 _MARK = re.compile(r"^(begin|end) (\S+) (\d+) (.*)$")
 
@@ -116,42 +115,33 @@ class StageMap:
 
     @cached_property
     def stages(self) -> dict[int, int]:
-        """Target stage id -> source stage id (stage k of one rank is stage k of the other)."""
-        return dict(zip(stage_ids(self.target), stage_ids(self.source)))
+        """Source stage id -> target stage id (stage k of one rank is stage k of the other)."""
+        return dict(zip(stage_ids(self.source), stage_ids(self.target)))
 
     @cached_property
     def blocks(self) -> dict[int, int]:
         """Source block index -> target block index."""
         par = self.source.parallel
         split = split_layers(self.source.model.n_layers or 0, par.stages, par.pp_layers)
-        return {b: t for s_src, s_dst in zip(stage_ids(self.source), stage_ids(self.target))
+        return {b: t for s_src, s_dst in self.stages.items()
                 for b, t in zip(split[s_src], split[s_dst])}
 
     @cached_property
     def peer_shift(self) -> int:
         return pipeline_rank(self.target) - pipeline_rank(self.source)
 
-    def order(self, n: int) -> tuple[Act, ...] | None:
-        """The target's actions for `n` micro-batches, with the source's stage ids."""
-        order = pipeline_shape(self.target).order(n)
-        return None if order is None else tuple(a._replace(stage=self.stages[a.stage])
-                                                for a in order)
-
 
 def rebuild(model: PipelineModel, source: RankTask, target: RankTask) -> StepStreams:
-    """`target`'s step from `source`'s unit model (FitError where a unit it needs is missing)."""
-    m = StageMap(source, target)
-    n = target.num_microbatches
-    order = m.order(n)
-    if order is None:
-        raise FitError(f"the schedule does not accept {n} micro-batches")
-    streams = model.streams(n, order=order)
-    return _translated(streams, m)
+    """`target`'s step from `source`'s unit model (FitError where a unit it needs is missing):
+    the model translated to `target`'s names, composed in `target`'s order."""
+    return translate(model, StageMap(source, target)).streams(target.num_microbatches)
 
 
-def _translated(streams: StepStreams, m: StageMap) -> StepStreams:
-    pattern = _block_pattern(source_blocks := m.source.model.block_path)
-    stage_back = {src: dst for dst, src in m.stages.items()}
+def translate(model: PipelineModel, m: StageMap) -> PipelineModel:
+    """`model` (of `m.source`) with `m.target`'s stage ids, block names and peers: the units'
+    keys and events, the waits between units, the prologue and the epilogue."""
+    blocks = m.source.model.block_path
+    pattern = _block_pattern(blocks)
     names: dict = {}
 
     def module(name: object) -> object:
@@ -160,24 +150,47 @@ def _translated(streams: StepStreams, m: StageMap) -> StepStreams:
         if name not in names:
             hit = pattern.match(name)
             names[name] = name if hit is None else (
-                f"{hit.group(1)}{source_blocks}.{m.blocks[int(hit.group(2))]}{hit.group(3) or ''}")
+                f"{hit.group(1)}{blocks}.{m.blocks[int(hit.group(2))]}{hit.group(3) or ''}")
         return names[name]
+
+    def stage(s: int) -> int:
+        return m.stages.get(s, s) if s >= 0 else s  # (-1: the prologue's waits)
 
     def label(text: str) -> str:
         hit = _MARK.match(text)
-        if hit is None:
-            return text
-        kind, stage, rest = hit.group(2), int(hit.group(3)), hit.group(4)
-        return f"{hit.group(1)} {kind} {stage_back[stage]} {rest}"
+        return text if hit is None else \
+            f"{hit.group(1)} {hit.group(2)} {stage(int(hit.group(3)))} {hit.group(4)}"
 
-    out = StepStreams(scalars=dict(streams.scalars))
-    out.memory = [e._replace(module=module(e.module)) for e in streams.memory]
-    out.ops = [e._replace(head=e.head._replace(module=module(e.head.module)))
-               for e in streams.ops]
-    out.collectives = [e._replace(module=module(e.module),
-                                  peer=e.peer + m.peer_shift if e.peer >= 0 else e.peer)
-                       for e in streams.collectives]
-    out.kernels = [e._replace(module=module(e.module), wait_module=module(e.wait_module),
-                              label=label(e.label) if e.kind == "mark" else e.label)
-                   for e in streams.kernels]
-    return out
+    def kernel(e: KernelEvent) -> KernelEvent:
+        wait = e.wait_back
+        if isinstance(wait, Ref):
+            wait = wait._replace(stage=stage(wait.stage))
+        return e._replace(module=module(e.module), wait_module=module(e.wait_module),
+                          wait_back=wait, label=label(e.label) if e.kind == "mark" else e.label)
+
+    def collective(e: CollectiveEvent) -> CollectiveEvent:
+        peer = e.peer + m.peer_shift if type(e.peer) is int and e.peer >= 0 else e.peer
+        return e._replace(module=module(e.module), peer=peer)
+
+    event = {"memory": lambda e: e._replace(module=module(e.module)),
+             "ops": lambda e: e._replace(head=e.head._replace(module=module(e.head.module))),
+             "collectives": collective, "kernels": kernel}
+
+    def events(name: str, evs: tuple) -> tuple:
+        return tuple(event[name](e) for e in evs)
+
+    def pieces(parts: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
+        return {n: [Piece(events(n, p.events), p.repeat) for p in ps] for n, ps in parts.items()}
+
+    def key(k: tuple) -> tuple:
+        k = list(k)
+        k[1] = stage(k[1])
+        if len(k) > 3 and isinstance(k[3], tuple):  # the previous action (GPipe, 1F1B)
+            k[3] = (k[3][0], stage(k[3][1]), *k[3][2:])
+        return tuple(k)
+
+    return PipelineModel(
+        pipeline_shape(m.target), model.n0, pieces(model.prologue), pieces(model.epilogue),
+        {key(k): _Template({n: events(n, ev) for n, ev in t.events.items()})
+         for k, t in model.units.items()},
+        dict(model.scalars))
