@@ -75,14 +75,14 @@ def rank_part(seq_len: int) -> dict:
     return out
 
 
-def plan_config(cache_dir: str, seq_len: int) -> dict:
+def plan_config(cache_dir: str, seq_len: int, stage_sharing: bool = True) -> dict:
     return {
         "model": {"preset": "llama3-70b"},
         "training": {"seq_len": seq_len, "micro_batch": 1, "global_batch": 128,
                      "activation_checkpointing": "full"},
         "parallel": {"tp": 8, "pp": 8, "dp_shard": 16, "pp_schedule": "1f1b"},
         "cluster": {"gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 128},
-        "simulation": {"cache_dir": cache_dir},
+        "simulation": {"cache_dir": cache_dir, "stage_sharing": stage_sharing},
     }
 
 
@@ -94,10 +94,14 @@ def plan_part(seq_len: int, workers: int | None) -> dict:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
              log_to_driver=False, logging_level="ERROR", configure_logging=False)
     cache_dir = tempfile.mkdtemp(prefix="simdist-bench-layers-")
+    unshared_dir = tempfile.mkdtemp(prefix="simdist-bench-layers-unshared-")
     runs = {}
     try:
-        for label in ("cold", "warm"):
-            cfg = simdist.load_config(plan_config(cache_dir, seq_len))
+        # cold and warm against one cache dir; then cold again on a fresh one with
+        # simulation.stage_sharing off (every middle rank simulated on its own)
+        for label in ("cold", "warm", "unshared"):
+            cfg = simdist.load_config(plan_config(unshared_dir if label == "unshared" else
+                                                  cache_dir, seq_len, label != "unshared"))
             t0 = time.perf_counter()
             plan = simdist.simulate(cfg, workers=workers)
             wall = time.perf_counter() - t0
@@ -107,17 +111,22 @@ def plan_part(seq_len: int, workers: int | None) -> dict:
                   f"hits {layer['hits']} misses {layer['misses']} fallbacks {layer['fallbacks']} "
                   f"blocks executed {layer['blocks_executed']}/{layer['blocks_total']}  "
                   f"op-level hits {plan.summary['cache']['hits']} misses "
-                  f"{plan.summary['cache']['misses']}", flush=True)
+                  f"{plan.summary['cache']['misses']}  shared {layer['shared']}", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(cache_dir, ignore_errors=True)
-    (cold_s, cold), (warm_s, warm) = runs["cold"], runs["warm"]
+        shutil.rmtree(unshared_dir, ignore_errors=True)
+    (cold_s, cold), (warm_s, warm), (unshared_s, unshared) = (runs[k] for k in
+                                                             ("cold", "warm", "unshared"))
     return {
         "plan": "llama3-70b TP8 x PP8 x DP16 (1024 GPUs), 1F1B, 8 micro-batches, full AC",
         "seq_len": seq_len,
         "cold_s": cold_s, "warm_s": warm_s, "speedup": cold_s / warm_s,
         "rank_classes": cold.summary["rank_classes"],
         "identical_rank_rows": cold.ranks.equals(warm.ranks),
+        "unshared_cold_s": unshared_s,
+        "identical_to_unshared": all(getattr(cold, t).equals(getattr(unshared, t)) for t in
+                                     ("ranks", "ops", "collectives", "memory", "kernels")),
         "cold_cache": cold.summary["cache"]["layer"], "warm_cache": warm.summary["cache"]["layer"],
         "op_level": {k: {f: p.summary["cache"][f] for f in ("hits", "misses", "loaded")}
                      for k, p in (("cold", cold), ("warm", warm))},
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if "plan" in result:
         p = result["plan"]
         print(f"plan cold {p['cold_s']:.1f} s, warm {p['warm_s']:.1f} s: {p['speedup']:.1f}x; "
-              f"identical rank rows: {p['identical_rank_rows']}")
+              f"identical rank rows: {p['identical_rank_rows']}; cold without stage sharing "
+              f"{p['unshared_cold_s']:.1f} s, identical tables: {p['identical_to_unshared']}")
     return 0
 
 

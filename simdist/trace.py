@@ -221,7 +221,8 @@ class RankTrace:
     streams: StepStreams | None = None
     # How this trace was obtained: "full" execution (memo not applicable or off), "fallback"
     # (memo tried, did not fit), "memo" (short stages executed), "memo-hit" (memo model read
-    # from the layer store, nothing executed); blocks executed vs blocks on this rank.
+    # from the layer store, nothing executed), "shared" (rebuilt from another middle rank of
+    # the pipeline: mode/stage_share.py); blocks executed vs blocks on this rank.
     layer_memo: str = "full"
     blocks_executed: int = 0
     blocks_total: int = 0

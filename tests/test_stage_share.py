@@ -187,3 +187,19 @@ def test_a_failing_source_fails_the_ranks_that_wait_for_it(monkeypatch) -> None:
 
     with pytest.raises(RuntimeError, match="rank failed"):
         asyncio.run(run())
+
+
+def test_config_key_and_no_cache_turn_sharing_off() -> None:
+    from simdist.config import ConfigError, load_config
+    from simdist.planner import plan_run
+
+    base = dict(model=dict(preset="llama3-debug", n_layers=4),
+                training=dict(seq_len=SEQ, global_batch=8),
+                parallel=dict(pp=4, dp_shard=1), cluster=dict(gpus_per_node=4, nodes=1))
+    assert all(t.stage_sharing for t in plan_run(load_config(base)).tasks)
+    off = load_config({**base, "simulation": {"stage_sharing": False}})
+    assert not any(t.stage_sharing for t in plan_run(off).tasks)
+    assert not any(t.stage_sharing for t in plan_run(load_config(base), use_cache=False).tasks)
+    with pytest.raises(ConfigError) as info:
+        load_config({**base, "simulation": {"stage_sharing": "sometimes"}})
+    assert info.value.key == "simulation.stage_sharing"
