@@ -12,14 +12,16 @@ key being what the unit is, not where it stands) therefore holds across these ra
 three things that name the rank's place are translated: the stage ids (in the units' keys, the
 waits between units and the schedule's marks), the blocks' indices in module names
 (`layers.N`: the stage's own blocks), and the point-to-point peers (the previous and next pipeline
-rank, by their rank in the pipeline group). So a middle rank's step is the source rank's units
-composed in the middle rank's own order, translated — the pipeline memo's composition, with
-another rank's order.
+rank, by their rank in the pipeline group). So a middle rank's step is the source rank's unit
+model translated to the middle rank's names and composed in its own order: the pipeline memo's
+composition (`translate`, then PipelineModel.streams).
 
 What must hold for two ranks to share, and is the share key (`share_key`): both middle ranks of
 the same plan (the execution signature with the pipeline coordinate replaced by "middle"), with
-the same number of blocks in each of their stages. Where the source rank's units lack a key the
-target's order needs (a warm-up length only that rank has), the target executes itself. Tests
+the same number of blocks in each of their stages, of a model whose blocks are all the same
+(the layer memo's condition: ModelSpec.layer_memo). A rank takes its units only from a source
+whose order has every key its own needs (`unit_keys_of`; the coordinator chooses sources so:
+memo.share_sources); where a unit is missing all the same, it is simulated itself. Tests
 compare every shared rank with its full execution, row for row, for every schedule."""
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def share_key(task: RankTask) -> str | None:
     par = task.parallel
     if par.pp < 3 or not 0 < pipeline_rank(task) < par.pp - 1:
         return None
+    if not task.model.layer_memo:  # blocks that differ (MoE's dense first layers and per-layer
+        return None  # routing, an hf config of mixed blocks, user code): stages differ too
     sig = json.loads(execution_signature(task))
     sig["position"]["pp"] = "middle"
     sig["depths"] = _depths(task)
