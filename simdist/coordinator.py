@@ -20,7 +20,7 @@ import simdist
 from simdist.calibrate import calibration_for
 from simdist.config import ConfigError, SimdistConfig, check_workers, trusting
 from simdist.memo import (LayeredPipelineJob, MemoJob, PipelineJob, open_memo,
-                          planned_executions, simulate_classes)
+                          planned_executions, share_sources, simulate_classes)
 from simdist.plan import ClusterPlan, merge
 from simdist.rebuilt import keep_rebuilt, stored_rank
 from simdist.planner import RunPlan, plan_run
@@ -272,6 +272,9 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     phases(f"executing {len(tasks)} rank class(es): {n_exec} execution(s) {where}")
     if n_memo:
         phases(f"rebuilding {n_memo} class(es) from short runs through the layer / pipeline memo")
+    if n_shared := sum(s is not None for s in share_sources(tasks, jobs)):
+        phases(f"rebuilding {n_shared} middle pipeline rank class(es) from another's units "
+               "(simulation.stage_sharing)")
     bar = Progress(len(tasks), progress, phases)
 
     try:

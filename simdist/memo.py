@@ -497,14 +497,15 @@ async def simulate_classes(pool: Pool, tasks: list[RankTask], jobs: list[Any],
     async def one(i: int) -> RankTrace:
         task, job, source = tasks[i], jobs[i], sources[i]
         trace = None
-        if source is not None and (model := await units[source]) is not None:
+        # (shielded: one rank's cancellation must not cancel what the others wait for)
+        if source is not None and (model := await asyncio.shield(units[source])) is not None:
             trace = await _shared(pool, task, tasks[source], model)
         if trace is None:
             cost = _Cost(share=i in units)
             try:
                 trace = await _simulate(pool, task, job, cost)
             except BaseException as e:
-                if i in units:
+                if i in units and not units[i].done():
                     units[i].set_exception(e)
                 raise
             if i in units:
