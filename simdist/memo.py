@@ -120,10 +120,7 @@ class PipelineJob:
 
 
 def pipeline_shape(task: RankTask) -> PipelineShape | None:
-    par = task.parallel
-    if par.pp == 1:
-        return None
-    return PipelineShape(par.pp_schedule, par.pp, par.stages, task.layout.coords(task.rank)["pp"])
+    return PipelineShape.of(task) if task.parallel.pp > 1 else None
 
 
 def open_pipeline(task: RankTask) -> PipelineJob | None:
@@ -353,7 +350,7 @@ async def _memo_build(pool: Pool, job: MemoJob | PipelineJob, cost: _Cost,
     if runs is None:
         runs = list(await asyncio.gather(*(_executed_streams(pool, t, cost)
                                            for t in job.short_tasks())))
-    if cost.share and not getattr(job, "streams_only", False):
+    if cost.share:  # (a streams-only step of a LayeredPipelineJob answers no units)
         job = replace(job, share=True)
     result = BuildResult(None, None, 0.0) if job.fallback else await pool.build(job, runs)
     store_memo(job, result.parts)

@@ -64,7 +64,8 @@ def plan_key(config: dict[str, Any], exhaustive: bool) -> str | None:
     except OSError:
         return None
     return (f"plan{PLAN_FORMAT} torch {torch.__version__} transformers {tf} "
-            f"src {source_digest(WHOLE_PACKAGE)} calibration {calib_digest} exhaustive {bool(exhaustive)} "
+            f"src {source_digest(WHOLE_PACKAGE)} calibration {calib_digest} "
+            f"exhaustive {bool(exhaustive)} "
             f"config {json.dumps(config, sort_keys=True, default=str)}")
 
 

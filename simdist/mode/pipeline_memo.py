@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from simdist.mode.pipeline_order import COMPUTE, Act, action_order, is_runtime
-from simdist.trace import SCALARS, STREAMS, StepStreams, named_event
+from simdist.trace import SCALARS, STREAMS, RankTask, StepStreams, named_event
 
 FORMAT = 1
 
@@ -55,6 +55,12 @@ class PipelineShape:
     pp: int
     num_stages: int
     pp_rank: int
+
+    @classmethod
+    def of(cls, task: RankTask) -> PipelineShape:
+        """`task`'s schedule (a pipelined task)."""
+        par = task.parallel
+        return cls(par.pp_schedule, par.pp, par.stages, task.layout.coords(task.rank)["pp"])
 
     def order(self, n: int) -> tuple[Act, ...] | None:
         return action_order(self.schedule, self.pp, self.num_stages, self.pp_rank, n)

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 from simdist.execution_key import execution_signature
-from simdist.mode.layer_memo import _block_pattern
+from simdist.mode.layer_memo import _block_pattern, _rank_depths
 from simdist.mode.pipeline_memo import (FitError, Piece, PipelineModel, PipelineShape, Ref,
                                         _normalise, _Template, same_streams, unit_keys)
-from simdist.parallel.pipeline import rank_stage_ids, split_layers
 from simdist.trace import CollectiveEvent, KernelEvent, RankTask, StepStreams
 
 _MARK = re.compile(r"^(begin|end) (\S+) (\d+) (.*)$")
@@ -45,14 +45,14 @@ def pipeline_rank(task: RankTask) -> int:
     return task.layout.coords(task.rank)["pp"]
 
 
-def stage_ids(task: RankTask) -> list[int]:
-    par = task.parallel
-    return rank_stage_ids(pipeline_rank(task), par.pp, par.stages_per_rank)
-
-
-def _depths(task: RankTask) -> list[int]:
-    split = split_layers(task.model.n_layers or 0, task.parallel.stages, task.parallel.pp_layers)
-    return [len(split[s]) for s in stage_ids(task)]
+def _stage_map(key: tuple, fn: Callable[[int], int]) -> tuple:
+    """A unit's key (mode/pipeline_memo.py: unit_keys) with `fn` applied to its stage ids: its
+    own, and for GPipe and 1F1B its previous action's."""
+    key = list(key)
+    key[1] = fn(key[1])
+    if len(key) > 3 and isinstance(key[3], tuple):
+        key[3] = (key[3][0], fn(key[3][1]), *key[3][2:])
+    return tuple(key)
 
 
 def share_key(task: RankTask) -> str | None:
@@ -65,7 +65,8 @@ def share_key(task: RankTask) -> str | None:
         return None  # routing, an hf config of mixed blocks, user code): stages differ too
     sig = json.loads(execution_signature(task))
     sig["position"]["pp"] = "middle"
-    sig["depths"] = _depths(task)
+    stages, split, _ = _rank_depths(task)
+    sig["depths"] = [len(split[s]) for s in stages]
     return json.dumps(sig, sort_keys=True, separators=(",", ":"))
 
 
@@ -74,33 +75,18 @@ def unit_keys_of(task: RankTask) -> frozenset:
     as the rank's k-th stage: a rank rebuilds from another whose keys hold all of its own
     (torch's 1F1B with as many micro-batches as stages gives every middle rank its own warm-up
     length, and the steady state's shortest ranks lack keys the longer ones have)."""
-    shape, n, pp = pipeline_shape(task), task.num_microbatches, task.parallel.pp
+    shape, n, pp = PipelineShape.of(task), task.num_microbatches, task.parallel.pp
     order = shape.order(n)
     if order is None:
         return frozenset()
-
-    def relative(key: tuple) -> tuple:
-        key = list(key)
-        key[1] //= pp
-        if len(key) > 3 and isinstance(key[3], tuple):  # the previous action (GPipe, 1F1B)
-            prev = list(key[3])
-            prev[1] //= pp
-            key[3] = tuple(prev)
-        return tuple(key)
-
-    return frozenset(relative(k) for k in unit_keys(shape, order, n))
-
-
-def pipeline_shape(task: RankTask) -> PipelineShape:
-    par = task.parallel
-    return PipelineShape(par.pp_schedule, par.pp, par.stages, pipeline_rank(task))
+    return frozenset(_stage_map(k, lambda s: s // pp) for k in unit_keys(shape, order, n))
 
 
 def unit_model(task: RankTask, streams: StepStreams) -> PipelineModel:
     """The pipeline memo's model of `task`'s executed (or rebuilt) step, from that one step: its
     units by key, prologue and epilogue as they are. FitError where two units of one key
     differ or the model does not give the step back."""
-    shape, n = pipeline_shape(task), task.num_microbatches
+    shape, n = PipelineShape.of(task), task.num_microbatches
     run = _normalise(streams, shape, n)
     model = PipelineModel(shape, n,
                           {k: [Piece(v, False)] for k, v in run.prologue.items()},
@@ -120,13 +106,12 @@ class StageMap:
     @cached_property
     def stages(self) -> dict[int, int]:
         """Source stage id -> target stage id (stage k of one rank is stage k of the other)."""
-        return dict(zip(stage_ids(self.source), stage_ids(self.target)))
+        return dict(zip(_rank_depths(self.source)[0], _rank_depths(self.target)[0]))
 
     @cached_property
     def blocks(self) -> dict[int, int]:
         """Source block index -> target block index."""
-        par = self.source.parallel
-        split = split_layers(self.source.model.n_layers or 0, par.stages, par.pp_layers)
+        split = _rank_depths(self.source)[1]
         return {b: t for s_src, s_dst in self.stages.items()
                 for b, t in zip(split[s_src], split[s_dst])}
 
@@ -158,7 +143,7 @@ def translate(model: PipelineModel, m: StageMap) -> PipelineModel:
         return names[name]
 
     def stage(s: int) -> int:
-        return m.stages.get(s, s) if s >= 0 else s  # (-1: the prologue's waits)
+        return m.stages[s] if s >= 0 else s  # (-1: a wait on the prologue)
 
     def label(text: str) -> str:
         hit = _MARK.match(text)
@@ -186,15 +171,8 @@ def translate(model: PipelineModel, m: StageMap) -> PipelineModel:
     def pieces(parts: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
         return {n: [Piece(events(n, p.events), p.repeat) for p in ps] for n, ps in parts.items()}
 
-    def key(k: tuple) -> tuple:
-        k = list(k)
-        k[1] = stage(k[1])
-        if len(k) > 3 and isinstance(k[3], tuple):  # the previous action (GPipe, 1F1B)
-            k[3] = (k[3][0], stage(k[3][1]), *k[3][2:])
-        return tuple(k)
-
     return PipelineModel(
-        pipeline_shape(m.target), model.n0, pieces(model.prologue), pieces(model.epilogue),
-        {key(k): _Template({n: events(n, ev) for n, ev in t.events.items()})
+        PipelineShape.of(m.target), model.n0, pieces(model.prologue), pieces(model.epilogue),
+        {_stage_map(k, stage): _Template({n: events(n, ev) for n, ev in t.events.items()})
          for k, t in model.units.items()},
         dict(model.scalars))
