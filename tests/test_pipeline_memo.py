@@ -94,7 +94,8 @@ def test_store_round_trip_rebuilds_without_executing(tmp_path) -> None:  # noqa:
     cold = run_rank(model, num_microbatches=18, **kw)
     warm = run_rank(model, num_microbatches=18, **kw)
     assert (cold.pipeline_memo, warm.pipeline_memo) == ("memo", "memo-hit")
-    assert cold.fake_cache["misses"] > 0
+    # (the cold run dispatched; its hits depend on what this process executed before)
+    assert cold.fake_cache["misses"] + cold.fake_cache["hits"] > 0
     assert warm.fake_cache["misses"] == warm.fake_cache["hits"] == 0  # nothing dispatched
     for table in TABLES:
         assert getattr(warm, table).equals(getattr(cold, table)), table
