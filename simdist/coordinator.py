@@ -252,7 +252,8 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     from simdist.workers.pool import ActorPool, pool_size, start_workers
 
     jobs = jobs if jobs is not None else [open_memo(t) for t in tasks]
-    n_exec = planned_executions(tasks, jobs)
+    sources = share_sources(tasks, jobs)
+    n_exec = planned_executions(tasks, jobs, sources)
     in_driver = n_exec == 0
     if in_driver:
         actors = []
@@ -272,13 +273,13 @@ async def _run_tasks(tasks: list[RankTask], n_workers: int | str, timeout_s: flo
     phases(f"executing {len(tasks)} rank class(es): {n_exec} execution(s) {where}")
     if n_memo:
         phases(f"rebuilding {n_memo} class(es) from short runs through the layer / pipeline memo")
-    if n_shared := sum(s is not None for s in share_sources(tasks, jobs)):
+    if n_shared := sum(s is not None for s in sources):
         phases(f"rebuilding {n_shared} middle pipeline rank class(es) from another's units "
                "(simulation.stage_sharing)")
     bar = Progress(len(tasks), progress, phases)
 
     try:
-        traces = await simulate_classes(pool, tasks, jobs, bar.advance)
+        traces = await simulate_classes(pool, tasks, jobs, bar.advance, sources)
     except BaseException:
         if run_cache is not None:  # (`finish` ends it on success)
             run_cache.end()

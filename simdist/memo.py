@@ -476,17 +476,24 @@ def share_sources(tasks: list[RankTask], jobs: list[Any]) -> list[int | None]:
     return out
 
 
-def planned_executions(tasks: list[RankTask], jobs: list[Any]) -> int:
-    """Executions the classes need, the ranks rebuilt from another not counted."""
-    return sum(executions(j) for j, s in zip(jobs, share_sources(tasks, jobs)) if s is None)
+def planned_executions(tasks: list[RankTask], jobs: list[Any],
+                       sources: list[int | None] | None = None) -> int:
+    """Executions the classes need, the ranks rebuilt from another not counted (`sources`:
+    share_sources(tasks, jobs), where the caller has it)."""
+    if sources is None:
+        sources = share_sources(tasks, jobs)
+    return sum(executions(j) for j, s in zip(jobs, sources) if s is None)
 
 
 async def simulate_classes(pool: Pool, tasks: list[RankTask], jobs: list[Any],
-                           done: Any = None) -> list[RankTrace]:
+                           done: Any = None, sources: list[int | None] | None = None
+                           ) -> list[RankTrace]:
     """Every class (`jobs`: their memo jobs), side by side: each through the memo protocol,
-    except the middle pipeline ranks another one's units rebuild (`share_sources`; one that
-    needs a unit its source lacks is simulated itself). `done()` after each class."""
-    sources = share_sources(tasks, jobs)
+    except the middle pipeline ranks another one's units rebuild (`sources`: share_sources,
+    computed here where the caller has not; one that needs a unit its source lacks is
+    simulated itself). `done()` after each class."""
+    if sources is None:
+        sources = share_sources(tasks, jobs)
     loop = asyncio.get_running_loop()
     units: dict[int, asyncio.Future] = {s: loop.create_future() for s in sources
                                         if s is not None}
